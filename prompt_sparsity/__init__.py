@@ -1,0 +1,13 @@
+"""prompt_sparsity: sparse subnetworks of pretrained image classifiers, found with a learned visual prompt.
+
+Importing the package registers `PromptedSparseConfig`/`PromptedSparseModel` with the transformers Auto classes,
+so `AutoModelForImageClassification.from_pretrained(saved_dir)` returns a `PromptedSparseModel`.
+"""
+
+from .configuration import PromptedSparseConfig
+from .label_mapping import frequency_label_mapping
+from .modeling import PromptedSparseModel
+
+__version__ = "0.1.0"
+
+__all__ = ["PromptedSparseConfig", "PromptedSparseModel", "frequency_label_mapping", "__version__"]

@@ -1,0 +1,127 @@
+"""`PromptedSparseConfig`: everything that defines a prompted sparse subnetwork, except tensors."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+PROMPT_METHODS = ("pad", "fix", "random", "expand", "none")
+SPARSITY_TYPES = ("unstructured", "structured", "none")
+THRESHOLDS = ("global", "layerwise")
+MASK_FORMATS = ("scores", "packed")
+HEADS = ("pretrained", "new")
+
+
+class PromptedSparseConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`PromptedSparseModel`]: a wrapped image classifier (its config nested as `base_config`),
+    a visual prompt, and a sparsity pattern.
+
+    Prompt settings:
+        prompt_method (`str`, defaults to `"pad"`): one of `pad`, `fix`, `random`, `expand`, `none`.
+        input_size (`int`): images are resized to `input_size` by the image processor.
+        output_size (`int`): the canvas the prompt is drawn on (`>= input_size`; images are zero-padded, centred).
+        pad_size (`int`): width of the `pad` frame. mask_size (`int`): side of the `fix`/`random` square.
+        image_mean, image_std: normalisation applied *after* the prompt, inside the model.
+        prompt_at_inference (`bool`): whether `forward` applies the prompt when not told otherwise.
+    Sparsity settings:
+        sparsity_type: `unstructured` (per-weight masks), `structured` (channels) or `none`.
+        sparsity (`float` in [0, 1)): the fraction of prunable weights set to zero.
+        threshold: `global` (one threshold over all pruned layers) or `layerwise` (same sparsity per layer).
+        target_modules / exclude_modules: regular expressions matched (`re.search`) against module names of the base
+            model; by default every `Conv2d` and `Linear` weight is pruned, the classifier included.
+        mask_format: `scores` (trainable float scores, during a search) or `packed` (a frozen 1-bit mask).
+        pruned_layers: `{module name: weight shape}` recorded at wrap time so that a checkpoint is only ever
+            loaded onto a base model with the same shapes.
+    Labels:
+        head: `pretrained` (keep the source head; map classes with `label_mapping`) or `new` (a fresh head).
+        label_mapping: for each target class, the index of the source logit it reads (FLM).
+    """
+
+    model_type = "prompted_sparse"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet")}
+
+    base_config: dict | PreTrainedConfig | None = None
+    base_model_name_or_path: str | None = None
+
+    prompt_method: str = "pad"
+    input_size: int = 224
+    output_size: int = 224
+    pad_size: int = 16
+    mask_size: int = 156
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    num_channels: int = 3
+    prompt_at_inference: bool = True
+
+    sparsity_type: str = "unstructured"
+    sparsity: float = 0.0
+    threshold: str = "global"
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] | None = None
+    mask_format: str = "scores"
+    pruned_layers: dict | None = None
+
+    head: str = "pretrained"
+    label_mapping: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.image_mean is None:
+            self.image_mean = list(IMAGENET_MEAN)
+        if self.image_std is None:
+            self.image_std = list(IMAGENET_STD)
+        self.validate_settings()
+
+    def validate_settings(self):
+        """Raise a ValueError naming the first invalid setting and how to fix it."""
+
+        def bad(msg):
+            raise ValueError(f"PromptedSparseConfig: {msg}")
+
+        def choice(name, allowed):
+            if getattr(self, name) not in allowed:
+                bad(f"{name}={getattr(self, name)!r} is not supported; use one of {', '.join(allowed)}.")
+
+        choice("prompt_method", PROMPT_METHODS)
+        choice("sparsity_type", SPARSITY_TYPES)
+        choice("threshold", THRESHOLDS)
+        choice("mask_format", MASK_FORMATS)
+        choice("head", HEADS)
+        for name in ("input_size", "output_size", "num_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(f"{name} must be a positive integer, got {value!r}.")
+        if self.input_size > self.output_size:
+            bad(
+                f"input_size={self.input_size} is larger than output_size={self.output_size}; the image is padded "
+                "onto the prompt canvas, so use input_size <= output_size."
+            )
+        if self.prompt_method == "expand" and self.input_size >= self.output_size:
+            bad("prompt_method='expand' draws the prompt around the image: it needs input_size < output_size.")
+        if self.prompt_method == "pad" and not (0 < self.pad_size < self.output_size / 2):
+            bad(f"pad_size={self.pad_size} must be in (0, output_size/2 = {self.output_size / 2}).")
+        if self.prompt_method in ("fix", "random") and not (0 < self.mask_size <= self.output_size):
+            bad(f"mask_size={self.mask_size} must be in (0, output_size={self.output_size}].")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if len(value) != self.num_channels:
+                bad(f"{name} has {len(value)} values but num_channels={self.num_channels}; give one per channel.")
+        if any(s <= 0 for s in self.image_std):
+            bad(f"image_std={self.image_std} must be positive.")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            bad(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            bad(
+                f"sparsity={self.sparsity} is outside [0, 1): it is the fraction of weights removed, e.g. 0.9 keeps "
+                "10% of the weights."
+            )
+        if self.label_mapping is not None:
+            if len(set(self.label_mapping)) != len(self.label_mapping) or min(self.label_mapping, default=0) < 0:
+                bad("label_mapping must list distinct, non-negative source-class indices (one per target class).")
+
+
+__all__ = ["PromptedSparseConfig", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -1,0 +1,463 @@
+"""`PromptedSparseModel`: a visual prompt and a sparsity pattern around any image classifier."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from .configuration import IMAGENET_MEAN, IMAGENET_STD, PromptedSparseConfig
+from .label_mapping import fold_label_mapping, set_labels
+from .prompts import VisualPrompt
+from .sparsity.unstructured import (
+    StraightThroughMask,
+    ThresholdFinder,
+    find_prunable_layers,
+    layout,
+    mask_from_scores_,
+    pack_mask,
+    packed_size,
+    scaled_scores,
+    unpack_mask,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class UnstructuredMask(nn.Module):
+    """Holds either trainable float scores (`scores`, one per pruned weight, flat) or a frozen bit-packed mask
+    (`mask_packed`). The hard 0/1 mask itself is derived, cached, and recomputed whenever the scores change."""
+
+    def __init__(self, layers, sparsity: float, threshold: str, mask_format: str):
+        super().__init__()
+        self.layers = layers
+        self.numel = sum(layer.numel for layer in layers)
+        self.sparsity = float(sparsity)
+        self.threshold = threshold
+        if mask_format == "scores":
+            self.scores = nn.Parameter(torch.zeros(self.numel))
+        else:
+            self.scores = None
+            self.register_buffer("mask_packed", torch.zeros(packed_size(self.numel), dtype=torch.uint8))
+        self._finder = ThresholdFinder()
+        self._mask = None  # float 0/1, flat, cached
+        self._mask_source = None  # (tensor id, version) the cache was computed from
+
+    @property
+    def frozen(self) -> bool:
+        return self.scores is None
+
+    def _source(self):
+        t = self.mask_packed if self.frozen else self.scores
+        return (id(t), t._version, t.device)
+
+    @torch.no_grad()
+    def update_mask(self) -> torch.Tensor:
+        """Recompute the hard mask from the current scores (or unpack the frozen mask)."""
+        if self.frozen:
+            self._mask = unpack_mask(self.mask_packed, self.numel, device=self.mask_packed.device)
+        else:
+            if self._mask is None or self._mask.shape != self.scores.shape or self._mask.device != self.scores.device:
+                self._mask = torch.empty_like(self.scores)
+            mask_from_scores_(self.scores.detach(), self._mask, self.layers, self.sparsity, self.threshold, self._finder)
+        self._mask_source = self._source()
+        return self._mask
+
+    def mask(self) -> torch.Tensor:
+        """The current hard mask (flat, float), recomputed only if the scores moved since the last call."""
+        if self._mask is None or self._mask_source != self._source():
+            self.update_mask()
+        return self._mask
+
+    def layer_masks(self, differentiable: bool = False) -> dict[str, torch.Tensor]:
+        flat = self.mask()
+        if differentiable and not self.frozen and self.scores.requires_grad:
+            flat = StraightThroughMask.apply(self.scores, flat)
+        return {
+            layer.param_name: flat[layer.offset : layer.offset + layer.numel].view(layer.shape) for layer in self.layers
+        }
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace the float scores by the 1-bit mask they define (about 1/32 of the size)."""
+        if self.frozen:
+            return
+        packed = pack_mask(self.mask()).to(self.scores.device)
+        self.scores = None
+        self.register_buffer("mask_packed", packed)
+        self._mask_source = None
+
+    @torch.no_grad()
+    def set_mask(self, flat_mask: torch.Tensor) -> None:
+        """Install a fixed 0/1 mask (e.g. from a magnitude or random pruner, or another subnetwork)."""
+        if flat_mask.numel() != self.numel:
+            raise ValueError(f"mask has {flat_mask.numel()} entries but the pruned layers hold {self.numel} weights.")
+        device = self.scores.device if not self.frozen else self.mask_packed.device
+        if not self.frozen:
+            self.scores = None
+        self.register_buffer("mask_packed", pack_mask(flat_mask).to(device))
+        self._mask_source = None
+
+    def extra_repr(self) -> str:
+        state = "frozen 1-bit mask" if self.frozen else "trainable scores"
+        return f"layers={len(self.layers)}, weights={self.numel}, sparsity={self.sparsity}, {state}"
+
+
+class PromptedSparsePreTrainedModel(PreTrainedModel):
+    config_class = PromptedSparseConfig
+    base_model_prefix = "prompted_sparse"  # never a checkpoint prefix: keys are model.*, prompt.*, sparsity.*
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, VisualPrompt):
+            module.reset_parameters(hf_init.zeros_)
+        elif isinstance(module, UnstructuredMask):
+            if module.frozen:
+                hf_init.constant_(module.mask_packed, 255)  # a mask built from a config alone keeps everything
+            else:
+                weights = self.model.state_dict()
+                flat = torch.cat([scaled_scores(weights[layer.param_name]).flatten() for layer in module.layers])
+                hf_init.copy_(module.scores, flat.to(module.scores))
+        else:
+            super()._init_weights(module)
+
+
+class PromptedSparseModel(PromptedSparsePreTrainedModel):
+    """A visual prompt + a sparse subnetwork of any `AutoModelForImageClassification`.
+
+    `forward(pixel_values)` takes images in [0, 1] at `config.input_size` (the saved image processor produces
+    them), applies the prompt and normalisation, runs the wrapped model with masked weights, and maps its logits
+    to the target classes. The wrapped model keeps its own state-dict keys under `model.`.
+    """
+
+    def __init__(self, config: PromptedSparseConfig, base_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if base_model is None:
+            base_model = AutoModelForImageClassification.from_config(config.base_config)
+        else:
+            # Already initialised (pretrained): keep post_init() from touching it.
+            for module in base_model.modules():
+                module._is_hf_initialized = True
+        self.model = base_model
+        self.prompt = VisualPrompt(config)
+        self.sparsity = None
+        if config.sparsity_type == "unstructured":
+            shapes = self._resolve_pruned_layers()
+            self.sparsity = UnstructuredMask(layout(shapes), config.sparsity, config.threshold, config.mask_format)
+        self._forward_kwargs = self._base_forward_kwargs()
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- building
+    def _resolve_pruned_layers(self) -> dict[str, tuple[int, ...]]:
+        found = {
+            name: tuple(module.weight.shape)
+            for name, module in find_prunable_layers(
+                self.model, self.config.target_modules, self.config.exclude_modules
+            )
+        }
+        recorded = self.config.pruned_layers
+        if recorded is None:
+            self.config.pruned_layers = {name: list(shape) for name, shape in found.items()}
+            return found
+        recorded = {name: tuple(shape) for name, shape in recorded.items()}
+        if recorded != found:
+            missing = [n for n in recorded if n not in found]
+            wrong = [(n, recorded[n], found[n]) for n in recorded if n in found and recorded[n] != found[n]]
+            detail = f"layers missing from the base model: {missing[:3]}" if missing else ""
+            if wrong:
+                n, want, got = wrong[0]
+                detail += f"{'; ' if detail else ''}layer {n!r} has shape {list(got)} but the mask expects {list(want)}"
+            if not detail:
+                detail = f"the base model has extra prunable layers {[n for n in found if n not in recorded][:3]}"
+            raise ValueError(
+                "this sparse checkpoint does not fit the base model: "
+                f"{detail}. Load it onto the base it was searched on ({self.config.base_model_name_or_path!r}, "
+                "recorded in its config), or search a new mask for this model."
+            )
+        return recorded
+
+    def _base_forward_kwargs(self) -> dict[str, Any]:
+        params = inspect.signature(self.model.forward).parameters
+        base_size = getattr(self.config.base_config, "image_size", None)
+        if "interpolate_pos_encoding" in params and base_size not in (None, self.config.output_size):
+            return {"interpolate_pos_encoding": True}  # ViT at a size other than its config's
+        return {}
+
+    @classmethod
+    def from_base(
+        cls,
+        base_model: str | PreTrainedModel,
+        *,
+        head: str = "pretrained",
+        num_labels: int | None = None,
+        id2label: dict[int, str] | None = None,
+        sparsity: float = 0.0,
+        sparsity_type: str = "unstructured",
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        input_size: int | None = None,
+        output_size: int | None = None,
+        revision: str | None = None,
+        **config_kwargs,
+    ) -> "PromptedSparseModel":
+        """Wrap a pretrained classifier (a model, a Hub id, a local dir, or a built-in name such as
+        `"efficientnet-lite0"`). `head="new"` replaces the classifier with a fresh `num_labels`-way head;
+        `head="pretrained"` keeps it (map classes later with `set_label_mapping`, e.g. from FLM)."""
+        from .pretrained import resolve_pretrained
+
+        if head not in ("pretrained", "new"):
+            raise ValueError(f"head={head!r}: use 'pretrained' (keep the source head, FLM) or 'new' (fresh head).")
+        if id2label is not None and num_labels is None:
+            num_labels = len(id2label)
+        if head == "new" and not num_labels:
+            raise ValueError("head='new' needs num_labels (or id2label) for the fresh classifier.")
+        name_or_path = None
+        if isinstance(base_model, str):
+            name_or_path = base_model
+            path = resolve_pretrained(base_model)
+            kwargs = {"revision": revision} if revision else {}
+            if head == "new":
+                labels = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
+                kwargs.update(num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
+                kwargs["ignore_mismatched_sizes"] = True
+            base_model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
+        elif head == "new":
+            raise ValueError("head='new' with a model instance: give the model with its new head already in place.")
+        else:
+            name_or_path = base_model.config.name_or_path or None
+        mean, std = _normalisation_of(base_model.config, name_or_path)
+        size = input_size or _native_size(base_model.config)
+        config = PromptedSparseConfig(
+            base_config=base_model.config.to_dict(),
+            base_model_name_or_path=name_or_path,
+            head=head,
+            sparsity=sparsity,
+            sparsity_type=sparsity_type,
+            image_mean=image_mean or mean,
+            image_std=image_std or std,
+            input_size=size,
+            output_size=output_size or max(size, _native_size(base_model.config)),
+            id2label=dict(base_model.config.id2label),
+            **config_kwargs,
+        )
+        config.base_config = copy.deepcopy(base_model.config)
+        model = cls(config, base_model=base_model)
+        model.train()
+        return model
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def masked_parameters(self, differentiable: bool = True) -> dict[str, torch.Tensor]:
+        """`{base param name: W * m}` for every pruned layer (straight-through w.r.t. scores when searching)."""
+        if self.sparsity is None:
+            return {}
+        masks = self.sparsity.layer_masks(differentiable=differentiable)
+        params = dict(self.model.named_parameters())
+        return {name: params[name] * mask.to(params[name].dtype) for name, mask in masks.items()}
+
+    def source_logits(self, pixel_values: torch.Tensor, use_prompt: bool | None = None) -> torch.Tensor:
+        """Logits of the prompted, masked base model before any label mapping."""
+        self._check_pixels(pixel_values)
+        if use_prompt is None:
+            use_prompt = self.config.prompt_at_inference
+        x = self.prompt(pixel_values, use_prompt=use_prompt)
+        masked = self.masked_parameters()
+        if masked:
+            out = functional_call(self.model, masked, (x,), dict(self._forward_kwargs), strict=False)
+        else:
+            out = self.model(x, **self._forward_kwargs)
+        return out.logits
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        use_prompt: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        logits = self.source_logits(pixel_values, use_prompt=use_prompt)
+        index = self._label_index(logits.device)
+        if index is not None:
+            logits = logits.index_select(-1, index)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels.to(logits.device))
+        if return_dict is False:
+            return (loss, logits) if loss is not None else (logits,)
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must be (batch, {self.config.num_channels}, H, W), got {tuple(pixel_values.shape)}; "
+                "convert grayscale/RGBA images to RGB (PIL: image.convert('RGB')) and use the saved image processor."
+            )
+
+    def _label_index(self, device) -> torch.Tensor | None:
+        mapping = self.config.label_mapping
+        if mapping is None:
+            return None
+        cached = getattr(self, "_label_index_cache", None)
+        if cached is None or cached.device != device or cached.tolist() != list(mapping):
+            cached = torch.tensor(mapping, dtype=torch.long, device=device)
+            self._label_index_cache = cached
+        return cached
+
+    # ----------------------------------------------------------------------------------------------- labels
+    def set_label_mapping(self, mapping: list[int], id2label: dict[int, str] | None = None) -> None:
+        """Read target class i from source logit `mapping[i]` (FLM). Stored in the config."""
+        mapping = [int(i) for i in mapping]
+        num_source = self.model.config.num_labels
+        if len(set(mapping)) != len(mapping) or min(mapping) < 0 or max(mapping) >= num_source:
+            raise ValueError(f"label mapping must hold distinct source indices in [0, {num_source}).")
+        if self.config.head != "pretrained":
+            raise ValueError("a label mapping reads the pretrained head's logits; this model has head='new'.")
+        id2label = id2label or {i: f"LABEL_{i}" for i in range(len(mapping))}
+        if len(id2label) != len(mapping):
+            raise ValueError(f"id2label has {len(id2label)} classes but the mapping has {len(mapping)}.")
+        self.config.label_mapping = mapping
+        set_labels(self.config, id2label)
+
+    # ----------------------------------------------------------------------------------------------- stages
+    def start_mask_search(self) -> None:
+        """Stage 1: train the scores and the prompt; the base weights are frozen (norm statistics still update)."""
+        if self.sparsity is None or self.sparsity.frozen:
+            raise ValueError("mask search needs trainable scores (config.mask_format='scores').")
+        self.requires_grad_(False)
+        self.sparsity.scores.requires_grad_(True)
+        self.prompt.requires_grad_(True)
+        self.train()
+
+    def start_finetuning(self, train_prompt: bool = True) -> None:
+        """Stage 2: freeze the mask (stored as 1 bit per weight) and train all weights and the prompt."""
+        self.freeze_mask()
+        self.requires_grad_(True)
+        self.prompt.requires_grad_(train_prompt)
+        self.train()
+
+    def freeze_mask(self) -> None:
+        if self.sparsity is not None and not self.sparsity.frozen:
+            self.sparsity.freeze()
+            self.config.mask_format = "packed"
+
+    def set_mask(self, masks: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        """Install a fixed mask: a flat 0/1 tensor or `{module name: 0/1 tensor shaped like its weight}`."""
+        if self.sparsity is None:
+            raise ValueError("this model has no unstructured sparsity (config.sparsity_type).")
+        if isinstance(masks, dict):
+            flat = []
+            for layer in self.sparsity.layers:
+                m = masks.get(layer.name, masks.get(layer.param_name))
+                if m is None or tuple(m.shape) != layer.shape:
+                    raise ValueError(f"mask for {layer.name!r} missing or not of shape {list(layer.shape)}.")
+                flat.append(m.flatten())
+            masks = torch.cat(flat)
+        self.sparsity.set_mask(masks)
+        self.config.mask_format = "packed"
+
+    def update_mask(self) -> None:
+        if self.sparsity is not None:
+            self.sparsity.update_mask()
+
+    def sparsity_report(self) -> dict[str, Any]:
+        """Global and per-layer fraction of pruned weights (from the actual mask)."""
+        if self.sparsity is None:
+            return {"global": 0.0, "layers": {}, "pruned": 0, "total": 0}
+        flat = self.sparsity.mask()
+        layers = {
+            layer.name: 1.0 - float(flat[layer.offset : layer.offset + layer.numel].sum()) / layer.numel
+            for layer in self.sparsity.layers
+        }
+        pruned = int(flat.numel() - flat.sum())
+        return {"global": pruned / flat.numel(), "layers": layers, "pruned": pruned, "total": flat.numel()}
+
+    # ----------------------------------------------------------------------------------------------- export
+    @torch.no_grad()
+    def merge_and_unload(self) -> PreTrainedModel:
+        """A plain transformers model (a copy) with the mask baked into the weights (zeros) and the label
+        mapping folded into the head. It cannot apply the visual prompt: its logits equal this model's with
+        `use_prompt=False`, on images normalised with `config.image_mean`/`image_std`."""
+        if self.config.prompt_method != "none" and self.config.prompt_at_inference:
+            logger.warning(
+                "merge_and_unload(): the plain model cannot apply the visual prompt; it matches this model called "
+                "with use_prompt=False (on normalised images). Keep PromptedSparseModel to use the prompt."
+            )
+        plain = copy.deepcopy(self.model)
+        if self.sparsity is not None:
+            masks = self.sparsity.layer_masks()
+            for name, param in plain.named_parameters():
+                if name in masks:
+                    param.mul_(masks[name].to(param.dtype))
+        if self.config.label_mapping is not None:
+            fold_label_mapping(plain, self.config.label_mapping, self.config.id2label)
+        plain.config.name_or_path = ""
+        return plain
+
+    def image_processor(self, normalize: bool = False):
+        """The image processor that feeds this model: resize to input_size, rescale to [0, 1]; normalisation
+        happens inside the model after the prompt (set `normalize=True` for the merged plain model)."""
+        from transformers import ViTImageProcessor
+
+        size = self.config.input_size
+        return ViTImageProcessor(
+            do_resize=True,
+            size={"height": size, "width": size},
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=normalize,
+            image_mean=list(self.config.image_mean),
+            image_std=list(self.config.image_std),
+        )
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """`PreTrainedModel.save_pretrained` plus the image-processor config, so that
+        `pipeline("image-classification", model=save_directory)` works."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            self.image_processor().save_pretrained(save_directory)
+
+
+def _native_size(config) -> int:
+    size = getattr(config, "image_size", None)
+    if isinstance(size, int):
+        return size
+    pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
+    if "input_size" in pretrained_cfg:
+        return int(pretrained_cfg["input_size"][-1])
+    return 224
+
+
+def _normalisation_of(config, name_or_path: str | None) -> tuple[list[float], list[float]]:
+    """The mean/std the base model was trained with: its image processor if saved, else timm's
+    pretrained_cfg, else ImageNet's."""
+    if name_or_path:
+        from .pretrained import resolve_pretrained
+
+        path = resolve_pretrained(name_or_path)
+        proc = os.path.join(path, "preprocessor_config.json")
+        if os.path.isfile(proc):
+            with open(proc) as f:
+                data = json.load(f)
+            if data.get("image_mean") and data.get("image_std"):
+                return list(data["image_mean"]), list(data["image_std"])
+    pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
+    if pretrained_cfg.get("mean") and pretrained_cfg.get("std"):
+        return list(pretrained_cfg["mean"]), list(pretrained_cfg["std"])
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+AutoConfig.register("prompted_sparse", PromptedSparseConfig)
+AutoModelForImageClassification.register(PromptedSparseConfig, PromptedSparseModel)
