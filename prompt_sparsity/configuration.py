@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -34,7 +35,7 @@ class PromptedSparseConfig(PreTrainedConfig):
         target_modules / exclude_modules: regular expressions matched (`re.search`) against module names of the base
             model; by default every `Conv2d` and `Linear` weight is pruned, the classifier included.
         mask_format: `scores` (trainable float scores, during a search) or `packed` (a frozen 1-bit mask).
-        pruned_layers: `{module name: weight shape}` recorded at wrap time so that a checkpoint is only ever
+        pruned_layers: `[[module name, weight shape], ...]` (in flat-layout order) recorded at wrap time so that a checkpoint is only ever
             loaded onto a base model with the same shapes.
     Labels:
         head: `pretrained` (keep the source head; map classes with `label_mapping`) or `new` (a fresh head).
@@ -63,12 +64,16 @@ class PromptedSparseConfig(PreTrainedConfig):
     target_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
     mask_format: str = "scores"
-    pruned_layers: dict | None = None
+    pruned_layers: list | None = None
 
     head: str = "pretrained"
     label_mapping: list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.base_config, dict) and "model_type" in self.base_config:
+            # Through the config class's own from_dict: some (TimmWrapperConfig) rebuild labels there.
+            base = dict(self.base_config)
+            self.base_config = CONFIG_MAPPING[base.pop("model_type")].from_dict(base)
         super().__post_init__(**kwargs)
         if self.image_mean is None:
             self.image_mean = list(IMAGENET_MEAN)

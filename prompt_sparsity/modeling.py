@@ -170,9 +170,10 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         }
         recorded = self.config.pruned_layers
         if recorded is None:
-            self.config.pruned_layers = {name: list(shape) for name, shape in found.items()}
+            # A list of [name, shape] pairs: order defines the flat layout (JSON dicts get their keys sorted).
+            self.config.pruned_layers = [[name, list(shape)] for name, shape in found.items()]
             return found
-        recorded = {name: tuple(shape) for name, shape in recorded.items()}
+        recorded = {name: tuple(shape) for name, shape in recorded}
         if recorded != found:
             missing = [n for n in recorded if n not in found]
             wrong = [(n, recorded[n], found[n]) for n in recorded if n in found and recorded[n] != found[n]]
@@ -421,6 +422,25 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
             image_mean=list(self.config.image_mean),
             image_std=list(self.config.image_std),
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a tensor of the checkpoint that does not fit the model (a mask,
+        score or prompt of the wrong size) is always refused with a clear error instead of re-initialised."""
+        want_info = kwargs.pop("output_loading_info", False)
+        ignore = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        mismatched = [m for m in info["mismatched_keys"] if not ignore or not str(m[0]).startswith("model.")]
+        if mismatched:
+            detail = "; ".join(f"{m[0]}: checkpoint {list(m[1])} vs model {list(m[2])}" for m in mismatched[:3])
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: checkpoint tensors do not fit the model built from its config "
+                f"({detail}). The checkpoint and its config.json disagree (a damaged or hand-edited checkpoint?); "
+                "re-save the subnetwork with save_pretrained, or load the matching config."
+            )
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         """`PreTrainedModel.save_pretrained` plus the image-processor config, so that

@@ -1,0 +1,55 @@
+"""Tiny random image classifiers, one per supported architecture, for fast tests."""
+
+import torch
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+ARCHITECTURES = ["resnet_basic", "resnet_bottleneck", "vit", "convnext", "mobilenet_v2", "timm_efficientnet"]
+IMAGE_SIZE = 32
+
+
+def tiny_model(arch: str, num_labels: int = 10, seed: int = 0):
+    """A small randomly initialised classifier (eval mode), with random norm statistics so that tests which
+    compare logits can fail when statistics are lost."""
+    torch.manual_seed(seed)
+    if arch == "resnet_basic":
+        model = ResNetForImageClassification(
+            ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=num_labels)
+        )
+    elif arch == "resnet_bottleneck":
+        model = ResNetForImageClassification(
+            ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="bottleneck", num_labels=num_labels)
+        )
+    elif arch == "vit":
+        model = ViTForImageClassification(
+            ViTConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, num_labels=num_labels)
+        )
+    elif arch == "convnext":
+        model = ConvNextForImageClassification(
+            ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=IMAGE_SIZE, num_labels=num_labels)
+        )
+    elif arch == "mobilenet_v2":
+        model = MobileNetV2ForImageClassification(
+            MobileNetV2Config(depth_multiplier=0.35, image_size=IMAGE_SIZE, num_labels=num_labels)
+        )
+    elif arch == "timm_efficientnet":
+        model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_efficientnet", num_labels=num_labels))
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
