@@ -952,6 +952,7 @@ def make_dataloader(
     seed: Optional[int] = None,
     num_workers: int = 0,
     drop_last: bool = False,
+    sampler: Optional["torch.utils.data.Sampler"] = None,
 ) -> "torch.utils.data.DataLoader":
     """A DataLoader over a standardised split yielding ``{"pixel_values", "labels"}`` batches.
 
@@ -980,9 +981,31 @@ def make_dataloader(
     return torch.utils.data.DataLoader(
         transformed,
         batch_size=int(batch_size),
-        shuffle=bool(shuffle),
-        generator=generator,
+        shuffle=bool(shuffle) if sampler is None else None,
+        sampler=sampler,
+        generator=generator if sampler is None else None,
         num_workers=int(num_workers),
         drop_last=bool(drop_last),
         collate_fn=collate_fn,
     )
+
+
+class EpochShuffleSampler:
+    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``: every process (and a resumed run) gets the same
+    order for the same epoch. Call ``set_epoch`` before each epoch (accelerate forwards it)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        import torch
+
+        g = torch.Generator()
+        g.manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n

@@ -1,0 +1,76 @@
+"""The registry of unstructured pruning methods. A method is a plan: training stages and one-shot pruning steps,
+run by one shared loop (`prompt_sparsity.training`). Any method can be combined with the visual prompt by a
+switch (`prompt_method`), as in the paper's "VPNs w. X" experiments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage. `search`: scores + prompt trainable, weights frozen. `dense`: all weights + prompt
+    trainable with every weight kept. `finetune`: the mask is fixed, weights + prompt trainable."""
+
+    kind: str
+    epochs_field: str  # the PruningArguments field that holds its number of epochs
+
+
+@dataclass(frozen=True)
+class Prune:
+    """A one-shot pruning step: score weights with `criterion` and install the mask; `rewind` restores the
+    pretrained weights afterwards (OMP / lottery-ticket rewinding)."""
+
+    criterion: str
+    rewind: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    plan: tuple
+    prompt_method: str = "none"  # default prompt; override with --prompt_method
+    steps: str = "augmented"  # default optimiser steps per iteration (see PruningArguments.steps)
+    threshold: str = "global"
+    sparse: bool = True
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"a pruning method named {method.name!r} is already registered.")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}.") from None
+
+
+SEARCH = Stage("search", "search_epochs")
+FINETUNE = Stage("finetune", "finetune_epochs")
+DENSE = Stage("dense", "dense_epochs")
+
+register_method(
+    Method("vpns", (SEARCH, FINETUNE), prompt_method="pad", steps="two",
+           description="Visual prompt + mask scores searched jointly, then weights + prompt tuned (VPNs).")
+)
+register_method(
+    Method("hydra", (SEARCH, FINETUNE), description="Score search then weight tuning, no prompt (HYDRA).")
+)
+register_method(
+    Method("omp", (DENSE, Prune("magnitude", rewind=True), FINETUNE),
+           description="Dense fine-tune, global magnitude mask, rewind to pretrained, fine-tune (OMP).")
+)
+register_method(Method("random", (Prune("random"), FINETUNE), threshold="layerwise",
+                       description="Uniform per-layer random mask, then fine-tune."))
+register_method(Method("snip", (Prune("snip"), FINETUNE), description="SNIP |w*g| at the pretrained weights."))
+register_method(Method("grasp", (Prune("grasp"), FINETUNE), description="GraSP -w*Hg at the pretrained weights."))
+register_method(Method("synflow", (Prune("synflow"), FINETUNE), description="Iterative data-free SynFlow."))
+register_method(Method("dense", (DENSE,), sparse=False, description="Dense fine-tuning reference (no pruning)."))

@@ -1,0 +1,477 @@
+"""The accelerate training loop shared by every method: stages of two-step (prompted + augmented) iterations,
+one-shot pruning steps, evaluation with and without the prompt, per-epoch checkpoints that resume exactly, and a
+`results.json` at the end. Recipes parse arguments and call `run_pruning`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from .arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
+from .data import EpochShuffleSampler, load_image_dataset, make_dataloader
+from .label_mapping import frequency_label_mapping
+from .methods import Method, Prune, Stage, get_method
+from .metrics import load_metric
+from .modeling import PromptedSparseModel
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+DISPLAY_NAMES = {"vpns": "VPNs", "hydra": "HYDRA", "omp": "OMP", "random": "Random", "snip": "SNIP",
+                 "grasp": "GraSP", "synflow": "SynFlow", "dense": "Dense fine-tuned"}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON next to `path` and rename it into place: a crash never leaves a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def short_name(name_or_path: str) -> str:
+    base = os.path.basename(os.path.normpath(name_or_path)).lower()
+    aliases = {"efficientnet-lite0": "effl0", "resnet-18": "r18", "resnet-50": "r50", "fashion_mnist": "fmnist",
+               "cifar100": "c100", "cifar10": "c10"}
+    return aliases.get(base, re.sub(r"[^a-z0-9]+", "", base)[:12] or "model")
+
+
+def run_name(method: str, model_name: str, dataset: str, sparsity: float) -> str:
+    return f"{method}-{short_name(model_name)}-{short_name(dataset)}-s{round(sparsity * 100)}"
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int = 0):
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def multistep_schedule(total_steps: int, milestones=(0.5, 0.72), gamma: float = 0.1):
+    bounds = [int(m * total_steps) for m in milestones]
+
+    def fn(step: int) -> float:
+        return gamma ** sum(step >= b for b in bounds)
+
+    return fn
+
+
+def mask_digest(model: PromptedSparseModel) -> str:
+    if model.sparsity is None:
+        return ""
+    bits = (model.sparsity.mask() > 0).to(torch.uint8).cpu().numpy().tobytes()
+    return hashlib.sha256(bits).hexdigest()
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator: Accelerator, *, use_prompt: bool, desc: str = "eval") -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) over a prepared dataloader, gathered across processes."""
+    accuracy, top5 = load_metric("accuracy"), load_metric("top5_accuracy")
+    model.eval()
+    for batch in tqdm(dataloader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        logits = model(pixel_values=batch["pixel_values"], use_prompt=use_prompt).logits
+        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        accuracy.add_batch(predictions=logits.argmax(-1).cpu(), references=labels.cpu())
+        top5.add_batch(predictions=logits.float().cpu().tolist(), references=labels.cpu())
+    return {
+        "accuracy": 100.0 * accuracy.compute()["accuracy"],
+        "top5_accuracy": 100.0 * top5.compute()["top5_accuracy"],
+    }
+
+
+# --------------------------------------------------------------------------------------------------- runner
+class PruningRun:
+    """One run of one method: the model, the data, the plan, and the state needed to resume."""
+
+    def __init__(self, model_args: ModelArguments, data_args: DataArguments, prune_args: PruningArguments,
+                 run_args: RunArguments):
+        self.model_args, self.data_args, self.prune_args, self.run_args = model_args, data_args, prune_args, run_args
+        self.method: Method = get_method(prune_args.method)
+        self.prompt_method = model_args.prompt_method or self.method.prompt_method
+        self.prompt_on = self.prompt_method != "none"
+        self.steps = prune_args.steps or self.method.steps
+        if self.steps not in ("two", "prompted", "augmented"):
+            raise ValueError(f"steps={self.steps!r}: use 'two', 'prompted' or 'augmented'.")
+        self.sparsity = prune_args.sparsity if self.method.sparse else 0.0
+        self.name = run_name(self.method.name, model_args.model_name_or_path, data_args.dataset_name, self.sparsity)
+        self.output_dir = run_args.output_dir or os.path.join("outputs", self.name)
+        self.accelerator = Accelerator(
+            cpu=run_args.cpu,
+            log_with=None if run_args.report_to == "none" else run_args.report_to,
+            project_dir=self.output_dir,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.state: dict[str, Any] = {"stage": 0, "epoch": -1, "history": [], "timings": {}, "label_mapping": None}
+
+    # ------------------------------------------------------------------ setup
+    def log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            logger.info(msg)
+            print(msg, flush=True)
+
+    def build(self) -> None:
+        acc, margs, dargs, pargs = self.accelerator, self.model_args, self.data_args, self.prune_args
+        set_seed(self.run_args.seed)
+        with acc.main_process_first():
+            self.data = load_image_dataset(
+                dargs.dataset_name, validation_fraction=dargs.validation_fraction, seed=self.run_args.seed,
+                max_train_samples=dargs.max_train_samples, max_eval_samples=dargs.max_eval_samples,
+                image_column=dargs.image_column, label_column=dargs.label_column,
+                config_name=dargs.dataset_config_name,
+            )
+            self.model = PromptedSparseModel.from_base(
+                margs.model_name_or_path, revision=margs.revision, head=margs.head,
+                id2label=self.data.id2label if margs.head == "new" else None,
+                sparsity=self.sparsity, threshold=pargs.threshold or self.method.threshold,
+                target_modules=pargs.target_modules, exclude_modules=pargs.exclude_modules,
+                prompt_method=self.prompt_method, input_size=margs.input_size,
+                output_size=margs.output_size or margs.input_size, pad_size=margs.pad_size,
+                mask_size=margs.mask_size, prompt_at_inference=margs.prompt_at_inference and self.prompt_on,
+            )
+        self.log(f"{self.name}: {self.data.name} train/val/test = {len(self.data.train)}/"
+                 f"{len(self.data.validation)}/{len(self.data.test)}, {self.data.num_labels} classes; "
+                 f"{self.model.sparsity.numel if self.model.sparsity else 0:,} prunable weights")
+        if any(isinstance(step, Prune) and step.rewind for step in self.method.plan):
+            self._pretrained_state = {k: v.detach().clone() for k, v in self.model.model.state_dict().items()}
+        s, bs = margs.input_size, dargs.per_device_train_batch_size
+        workers = dargs.dataloader_num_workers
+        train = self.data.train
+        # Two independently shuffled views of the training split (VPNS.md §6).
+        self.loader_a = make_dataloader(train, input_size=s, train_transform=False, batch_size=bs, shuffle=False,
+                                        num_workers=workers, sampler=EpochShuffleSampler(len(train), self.run_args.seed))
+        self.loader_b = make_dataloader(train, input_size=s, train_transform=True, batch_size=bs, shuffle=False,
+                                        num_workers=workers,
+                                        sampler=EpochShuffleSampler(len(train), self.run_args.seed + 1))
+        ebs = dargs.per_device_eval_batch_size
+        self.eval_loaders = {
+            split: self.accelerator.prepare_data_loader(
+                make_dataloader(getattr(self.data, split), input_size=s, train_transform=False, batch_size=ebs,
+                                shuffle=False, num_workers=workers))
+            for split in ("validation", "test")
+        }
+
+    def checkpoint_dir(self, stage: int, epoch: int) -> str:
+        return os.path.join(self.output_dir, "checkpoints", f"stage{stage}-epoch{epoch}")
+
+    def find_resume_checkpoint(self) -> str | None:
+        path = self.run_args.resume_from_checkpoint
+        if not path:
+            return None
+        if path == "latest":
+            root = os.path.join(self.output_dir, "checkpoints")
+            found = sorted(
+                (d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, STATE_FILE)))
+                if os.path.isdir(root) else [],
+                key=lambda d: tuple(int(x) for x in re.findall(r"\d+", d)),
+            )
+            if not found:
+                raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {root}.")
+            path = os.path.join(root, found[-1])
+        if not os.path.isfile(os.path.join(path, STATE_FILE)):
+            raise ValueError(f"{path} is not a checkpoint of this recipe (no {STATE_FILE}); pass a folder under "
+                             f"<output_dir>/checkpoints/ or 'latest'.")
+        return path
+
+    # ------------------------------------------------------------------ stages
+    def _param_groups(self, kind: str):
+        pargs, model = self.prune_args, self.model
+        prompt_params = [p for p in model.prompt.parameters()] if self.prompt_on else []
+        if kind == "search":
+            groups = [{"params": [model.sparsity.scores], "lr": pargs.score_lr, "weight_decay": pargs.score_weight_decay}]
+            if prompt_params:
+                groups.append({"params": prompt_params, "lr": pargs.search_prompt_lr,
+                               "weight_decay": pargs.score_weight_decay})
+            return torch.optim.Adam(groups), ["cosine", pargs.search_prompt_schedule]
+        weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prompt.")]
+        groups = [{"params": weights, "lr": pargs.finetune_lr, "weight_decay": pargs.finetune_weight_decay}]
+        if prompt_params:
+            groups.append({"params": prompt_params, "lr": pargs.finetune_prompt_lr,
+                           "weight_decay": pargs.finetune_weight_decay})
+        return torch.optim.SGD(groups, momentum=pargs.momentum), ["cosine", "cosine"]
+
+    def _prepare_structure(self, kind: str) -> None:
+        """Put the model in the state a stage starts from (before a checkpoint of that stage is loaded)."""
+        model = self.model
+        if kind == "search":
+            model.start_mask_search()
+        else:
+            if kind == "dense" and model.sparsity is not None and model.config.mask_format == "scores":
+                model.set_mask(torch.ones(model.sparsity.numel))
+            model.start_finetuning(train_prompt=self.prompt_on)
+
+    def train_stage(self, stage_idx: int, stage: Stage, resume_from: str | None) -> None:
+        acc, pargs = self.accelerator, self.prune_args
+        epochs = int(getattr(pargs, stage.epochs_field))
+        self._prepare_structure(stage.kind)
+        if epochs <= 0:
+            return
+        optimizer, schedules = self._param_groups(stage.kind)
+        iters = len(self.loader_a if self.steps != "augmented" else self.loader_b)
+        iters = math.ceil(iters / acc.num_processes)
+        if self.run_args.max_steps_per_epoch:
+            iters = min(iters, self.run_args.max_steps_per_epoch)
+        per_iter = 2 if self.steps == "two" else 1
+        total = max(1, epochs * iters * per_iter)
+        warmup = int(pargs.warmup_ratio * total)
+        fns = [cosine_schedule(total, warmup) if s == "cosine" else multistep_schedule(total) for s in schedules]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fns[: len(optimizer.param_groups)])
+        acc.free_memory()  # drop the previous stage's prepared objects
+        model, optimizer, loader_a, loader_b = acc.prepare(self.model, optimizer, self.loader_a, self.loader_b)
+        acc.register_for_checkpointing(scheduler)  # stepped by us once per optimiser step, on every process
+        start_epoch = 0
+        if resume_from is not None:
+            acc.load_state(resume_from)
+            start_epoch = self.state["epoch"] + 1
+            self.log(f"resumed {stage.kind} at epoch {start_epoch} from {resume_from}")
+        images, t0 = 0, time.perf_counter()
+        for epoch in range(start_epoch, epochs):
+            loader_a.set_epoch(epoch)
+            loader_b.set_epoch(epoch)
+            model.train()
+            views = {"two": (loader_a, loader_b), "prompted": (loader_a,), "augmented": (loader_b,)}[self.steps]
+            bar = tqdm(total=iters, desc=f"{stage.kind} {epoch + 1}/{epochs}", disable=not acc.is_local_main_process)
+            running = 0.0
+            for i, batches in enumerate(zip(*views)):
+                if i >= iters:
+                    break
+                for view, batch in zip(views, batches):
+                    use_prompt = self.prompt_on and view is loader_a
+                    out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], use_prompt=use_prompt)
+                    acc.backward(out.loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    running += float(out.loss.detach())
+                    images += batch["labels"].shape[0] * acc.num_processes
+                bar.update(1)
+                bar.set_postfix(loss=f"{running / ((i + 1) * len(views)):.3f}")
+            bar.close()
+            metrics = self.evaluate_split("validation")
+            record = {"stage": stage_idx, "kind": stage.kind, "epoch": epoch,
+                      "train_loss": running / max(1, iters * len(views)), **metrics}
+            self.state["history"].append(record)
+            acc.log({f"{stage.kind}/{k}": v for k, v in record.items() if isinstance(v, float)},
+                    step=len(self.state["history"]))
+            self.log(f"[{stage.kind} epoch {epoch + 1}/{epochs}] " +
+                     ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+            self.state.update(stage=stage_idx, epoch=epoch)
+            if self.run_args.checkpointing:
+                self.save_checkpoint(stage_idx, epoch)
+        elapsed = time.perf_counter() - t0
+        timings = self.state["timings"]
+        timings[f"stage{stage_idx}_{stage.kind}_s"] = timings.get(f"stage{stage_idx}_{stage.kind}_s", 0.0) + elapsed
+        timings["train_images"] = timings.get("train_images", 0) + images
+        timings["train_s"] = timings.get("train_s", 0.0) + elapsed
+
+    def save_checkpoint(self, stage: int, epoch: int) -> None:
+        path = self.checkpoint_dir(stage, epoch)
+        self.accelerator.save_state(path)
+        if self.accelerator.is_main_process:
+            write_json_atomic(os.path.join(path, STATE_FILE), {
+                **self.state, "mask_format": self.model.config.mask_format,
+            })
+        self.accelerator.wait_for_everyone()
+
+    def evaluate_split(self, split: str) -> dict[str, float]:
+        """Accuracy with and without the prompt (just once when there is no prompt)."""
+        out = {}
+        modes = (True, False) if self.prompt_on else (False,)
+        for use_prompt in modes:
+            res = evaluate(self.model, self.eval_loaders[split], self.accelerator, use_prompt=use_prompt,
+                           desc=f"{split}{' +prompt' if use_prompt else ''}")
+            tag = "prompt" if use_prompt else "no_prompt"
+            out.update({f"{split}_{k}_{tag}": v for k, v in res.items()})
+        return out
+
+    def label_mapping(self) -> None:
+        """FLM once, right after the initial mask is set (VPNS.md §5); restored from the state on resume."""
+        if self.model_args.head != "pretrained" or self.model.config.label_mapping is not None:
+            return
+        if not self.state.get("label_mapping"):
+            self.state["label_mapping"] = self.compute_label_mapping(self.model)
+        self.model.set_label_mapping(self.state["label_mapping"], self.data.id2label)
+
+    def compute_label_mapping(self, model) -> list[int]:
+        """Frequency label mapping over the training split, counts summed over processes."""
+        loader = self.accelerator.prepare_data_loader(self.loader_a)
+        loader.set_epoch(0)
+        bar = lambda it: tqdm(it, desc="label mapping (FLM)", leave=False,  # noqa: E731
+                              disable=not self.accelerator.is_local_main_process)
+        return frequency_label_mapping(model, loader, self.data.num_labels,
+                                       reduce_fn=lambda t: self.accelerator.reduce(t, "sum"), progress=bar)
+
+    def prune(self, step: Prune) -> None:
+        from .methods.pruners import prune_once
+
+        pargs = self.prune_args
+        batches = []
+        if step.criterion in ("snip", "grasp"):
+            loader = self.accelerator.prepare_data_loader(self.loader_a)
+            loader.set_epoch(0)
+            for i, batch in enumerate(loader):
+                if i >= pargs.pruner_batches:
+                    break
+                batches.append(batch)
+        generator = torch.Generator().manual_seed(self.run_args.seed)
+        prune_once(self.model, step.criterion, self.sparsity, batches=batches,
+                   threshold=self.prune_args.threshold or self.method.threshold, generator=generator,
+                   synflow_iterations=pargs.synflow_iterations)
+        if step.rewind:  # OMP: the mask comes from the fine-tuned weights, training restarts from pretrained
+            self.model.model.load_state_dict(self._pretrained_state)
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> dict[str, Any]:
+        acc = self.accelerator
+        t_start = time.perf_counter()
+        if acc.is_main_process:
+            os.makedirs(self.output_dir, exist_ok=True)
+        self.build()
+        acc.init_trackers(self.name, config={k: str(v) for k, v in self.all_args().items()})
+        resume = self.find_resume_checkpoint()
+        if resume:
+            with open(os.path.join(resume, STATE_FILE)) as f:
+                self.state = json.load(f)
+        first_training_stage = next(i for i, s in enumerate(self.method.plan) if isinstance(s, Stage))
+        for idx, step in enumerate(self.method.plan):
+            if resume and idx < self.state["stage"]:
+                continue
+            if isinstance(step, Prune):
+                self.prune(step)
+                continue
+            if idx == first_training_stage and "dense_pretrained" not in self.state:
+                self.state["dense_pretrained"] = (
+                    self.dense_reference() if self.model_args.head == "pretrained" else None
+                )
+            self.label_mapping()  # once, before the first training stage; restored from the state on resume
+            resume_here = resume if (resume and idx == self.state["stage"]) else None
+            self.train_stage(idx, step, resume_here)
+            resume = None if resume_here else resume
+        self.model.freeze_mask()
+        final = {split: self.evaluate_split(split) for split in ("validation", "test")}
+        results = self.results(final, time.perf_counter() - t_start)
+        self.save(results)
+        acc.end_training()
+        return results
+
+    @torch.no_grad()
+    def dense_reference(self) -> dict[str, float] | None:
+        """Test accuracy of the pretrained dense model with its own FLM and no training: a floor, not the
+        fine-tuned dense reference (run --method dense for that). Computed on a copy: the run is untouched."""
+        if self.model.sparsity is None:
+            return None
+        dense = copy.deepcopy(self.model)
+        dense.set_mask(torch.ones(dense.sparsity.numel))
+        dense.set_label_mapping(self.compute_label_mapping(dense), self.data.id2label)
+        return evaluate(dense, self.eval_loaders["test"], self.accelerator, use_prompt=False, desc="dense")
+
+    def all_args(self) -> dict[str, Any]:
+        out = {}
+        for args in (self.model_args, self.data_args, self.prune_args, self.run_args):
+            out.update(dataclasses.asdict(args))
+        return out
+
+    def results(self, final: dict, wall: float) -> dict[str, Any]:
+        acc, model = self.accelerator, self.model
+        report = model.sparsity_report()
+        digests = gather_object([mask_digest(model)])
+        timings = self.state["timings"]
+        train_s = timings.get("train_s", 0.0)
+        return {
+            "name": self.name,
+            "method": self.method.name,
+            "model": self.model_args.model_name_or_path,
+            "dataset": self.data.name,
+            "num_labels": self.data.num_labels,
+            "samples": {"train": len(self.data.train), "validation": len(self.data.validation),
+                        "test": len(self.data.test)},
+            "prompt_method": self.prompt_method,
+            "steps": self.steps,
+            "input_size": self.model_args.input_size,
+            "sparsity_target": self.sparsity,
+            "sparsity": report["global"],
+            "pruned_weights": report["pruned"],
+            "prunable_weights": report["total"],
+            "layer_sparsity": report["layers"],
+            "accuracy": final,
+            "dense_pretrained_flm": self.state.get("dense_pretrained"),
+            "epochs": {s.kind: int(getattr(self.prune_args, s.epochs_field))
+                       for s in self.method.plan if isinstance(s, Stage)},
+            "history": self.state["history"],
+            "timings_s": timings,
+            "wall_time_s": wall,
+            "train_images_per_s": (timings.get("train_images", 0) / train_s) if train_s else None,
+            "label_mapping": model.config.label_mapping,
+            "world_size": acc.num_processes,
+            "device": str(acc.device),
+            "torch_threads": torch.get_num_threads(),
+            "mask_sha256": digests[0],
+            "masks_identical_across_ranks": len(set(digests)) == 1,
+            "seed": self.run_args.seed,
+            "args": self.all_args(),
+        }
+
+    def save(self, results: dict[str, Any]) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.model)
+        model.save_pretrained(self.output_dir, is_main_process=acc.is_main_process, save_function=acc.save)
+        if acc.is_main_process:
+            write_json_atomic(os.path.join(self.output_dir, "results.json"), results)
+            print_summary(results)
+        acc.wait_for_everyone()
+        if self.run_args.push_to_hub:
+            from .hub import push_subnetwork
+
+            if acc.is_main_process:
+                push_subnetwork(self.output_dir, self.run_args.hub_model_id or self.name,
+                                private=self.run_args.hub_private)
+            acc.wait_for_everyone()
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    test = results["accuracy"]["test"]
+    rows = []
+    dense = results.get("dense_pretrained_flm")
+    if dense:
+        rows.append(("dense pretrained + FLM (no training)", f"{dense['accuracy']:.2f}", "0.0"))
+    name = DISPLAY_NAMES.get(results["method"], results["method"])
+    if "test_accuracy_prompt" in test:
+        rows.append((f"{name} with prompt", f"{test['test_accuracy_prompt']:.2f}", f"{100 * results['sparsity']:.1f}"))
+    rows.append((f"{name} without prompt", f"{test['test_accuracy_no_prompt']:.2f}", f"{100 * results['sparsity']:.1f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"\n{results['name']}  ({results['dataset']}, {results['samples']['test']} test images, "
+             f"input {results['input_size']}px)",
+             f"{'model':<{width}}  {'test acc %':>10}  {'sparsity %':>10}",
+             f"{'-' * width}  {'-' * 10}  {'-' * 10}"]
+    lines += [f"{r[0]:<{width}}  {r[1]:>10}  {r[2]:>10}" for r in rows]
+    lines.append(f"wall time {results['wall_time_s']:.0f} s, training {results['train_images_per_s'] or 0:.0f} "
+                 f"images/s, {results['world_size']} process(es) on {results['device']}")
+    print("\n".join(lines), flush=True)
+
+
+def run_pruning(model_args: ModelArguments, data_args: DataArguments, prune_args: PruningArguments,
+                run_args: RunArguments) -> dict[str, Any]:
+    """Run one method end to end and return its results (also written to `<output_dir>/results.json`)."""
+    return PruningRun(model_args, data_args, prune_args, run_args).run()
