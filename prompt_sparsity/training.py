@@ -101,6 +101,17 @@ def evaluate(model, dataloader, accelerator: Accelerator, *, use_prompt: bool, d
     }
 
 
+class _SchedulerSlot:
+    scheduler = None
+
+    def state_dict(self):
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state):
+        if self.scheduler is not None and state:
+            self.scheduler.load_state_dict(state)
+
+
 # --------------------------------------------------------------------------------------------------- runner
 class PruningRun:
     """One run of one method: the model, the data, the plan, and the state needed to resume."""
@@ -123,6 +134,10 @@ class PruningRun:
             project_dir=self.output_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        # The LR scheduler is stepped by us once per optimiser step (not prepared: accelerate would step it once per
+        # process); a fixed slot registered once is checkpointed, whatever the stage's scheduler is.
+        self._scheduler_slot = _SchedulerSlot()
+        self.accelerator.register_for_checkpointing(self._scheduler_slot)
         self.state: dict[str, Any] = {"stage": 0, "epoch": -1, "history": [], "timings": {}, "label_mapping": None}
 
     # ------------------------------------------------------------------ setup
@@ -239,7 +254,7 @@ class PruningRun:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fns[: len(optimizer.param_groups)])
         acc.free_memory()  # drop the previous stage's prepared objects
         model, optimizer, loader_a, loader_b = acc.prepare(self.model, optimizer, self.loader_a, self.loader_b)
-        acc.register_for_checkpointing(scheduler)  # stepped by us once per optimiser step, on every process
+        self._scheduler_slot.scheduler = scheduler  # checkpointed through the slot registered once in __init__
         start_epoch = 0
         if resume_from is not None:
             acc.load_state(resume_from)

@@ -131,7 +131,10 @@ def _se_parts(se, prefix: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None
 
 
 def _hf_resnet(name: str, mod: nn.Module) -> list[ChannelUnit]:
-    layer = mod.layer
+    layer = getattr(mod, "layer", None)
+    if not (isinstance(layer, nn.Sequential) and len(layer) >= 2
+            and all(_is_plain_conv(getattr(c, "convolution", None)) for c in layer)):
+        return []
     n = len(layer) - 1  # basic: 1 unit (conv1 out), bottleneck: 2 (conv1 out, conv2 out)
     kind = "resnet_basic" if n == 1 else "resnet_bottleneck"
     units = []
@@ -326,7 +329,9 @@ def _check_unit(model: nn.Module, u: ChannelUnit) -> None:
         c = _channels(model.get_submodule(mod_name), role)
         if c != u.num_channels:
             raise RuntimeError(
-                f"internal error: unit {u.name!r} has {u.num_channels} channels but {mod_name} has {c}"
+                f"unit {u.name!r} says {u.num_channels} channels but {mod_name} has {c}: the units are "
+                "stale (found before a compaction?) or belong to another model; call "
+                "find_channel_units(model) again"
             )
 
 
