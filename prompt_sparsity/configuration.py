@@ -37,6 +37,14 @@ class PromptedSparseConfig(PreTrainedConfig):
         mask_format: `scores` (trainable float scores, during a search) or `packed` (a frozen 1-bit mask).
         pruned_layers: `[[module name, weight shape], ...]` (in flat-layout order) recorded at wrap time so that a checkpoint is only ever
             loaded onto a base model with the same shapes.
+    Structured (channel) settings, PASS:
+        flops_ratio: the FLOPs budget as a fraction of the dense model's, in (0, 1].
+        channel_selection: `global` (one threshold across units) or `uniform` (same keep ratio per unit).
+        min_channels: channels every unit keeps at least. hypernet_*: the PASS hypernetwork's sizes/temperature.
+        channel_units: `[[unit name, channels], ...]` of the dense base, recorded at wrap time.
+        channel_widths: `{unit name: kept channels}` once the model is compacted; `from_pretrained` rebuilds
+            this compact architecture from the base config before loading weights.
+        dense_flops: FLOPs of the dense base at `output_size` (FlopCounterMode), recorded at compaction.
     Labels:
         head: `pretrained` (keep the source head; map classes with `label_mapping`) or `new` (a fresh head).
         label_mapping: for each target class, the index of the source logit it reads (FLM).
@@ -65,6 +73,16 @@ class PromptedSparseConfig(PreTrainedConfig):
     exclude_modules: list[str] | None = None
     mask_format: str = "scores"
     pruned_layers: list | None = None
+
+    flops_ratio: float = 0.5
+    channel_selection: str = "global"
+    min_channels: int = 1
+    hypernet_hidden_size: int = 128
+    hypernet_stat_dim: int = 64
+    hypernet_temperature: float = 0.4
+    channel_units: list | None = None
+    channel_widths: dict | None = None
+    dense_flops: float | None = None
 
     head: str = "pretrained"
     label_mapping: list[int] | None = None
@@ -123,6 +141,14 @@ class PromptedSparseConfig(PreTrainedConfig):
             bad(
                 f"sparsity={self.sparsity} is outside [0, 1): it is the fraction of weights removed, e.g. 0.9 keeps "
                 "10% of the weights."
+            )
+        choice("channel_selection", ("global", "uniform"))
+        if isinstance(self.flops_ratio, bool) or not isinstance(self.flops_ratio, (int, float)) or not (
+            0.0 < float(self.flops_ratio) <= 1.0
+        ):
+            bad(
+                f"flops_ratio={self.flops_ratio!r} is outside (0, 1]: it is the fraction of the dense model's FLOPs "
+                "to keep, e.g. 0.5 halves the FLOPs."
             )
         if self.label_mapping is not None:
             if len(set(self.label_mapping)) != len(self.label_mapping) or min(self.label_mapping, default=0) < 0:

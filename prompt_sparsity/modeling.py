@@ -122,8 +122,15 @@ class PromptedSparsePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        from .sparsity.hypernetwork import PromptHyperNetwork
+        from .sparsity.structured import ChannelSparsity
+
         if isinstance(module, VisualPrompt):
             module.reset_parameters(hf_init.zeros_)
+        elif isinstance(module, PromptHyperNetwork):
+            module.reset_parameters()
+        elif isinstance(module, ChannelSparsity):
+            hf_init.zeros_(module.kept_indices)
         elif isinstance(module, UnstructuredMask):
             if module.frozen:
                 hf_init.constant_(module.mask_packed, 255)  # a mask built from a config alone keeps everything
@@ -154,9 +161,14 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         self.model = base_model
         self.prompt = VisualPrompt(config)
         self.sparsity = None
+        self.structure = None
         if config.sparsity_type == "unstructured":
             shapes = self._resolve_pruned_layers()
             self.sparsity = UnstructuredMask(layout(shapes), config.sparsity, config.threshold, config.mask_format)
+        elif config.sparsity_type == "structured":
+            from .sparsity.structured import ChannelSparsity
+
+            self.structure = ChannelSparsity(config, self.model)  # shrinks self.model if already compacted
         self._forward_kwargs = self._base_forward_kwargs()
         self.post_init()
 
@@ -274,6 +286,12 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         if use_prompt is None:
             use_prompt = self.config.prompt_at_inference
         x = self.prompt(pixel_values, use_prompt=use_prompt)
+        if self.structure is not None and not self.structure.compact:
+            masks, _ = self.structure.channel_masks(self.model, self.prompt.full_prompt())
+            masker = self.structure.masker(self.model)
+            masker.set_masks(masks)
+            with masker:
+                return self.model(x, **self._forward_kwargs).logits
         masked = self.masked_parameters()
         if masked:
             out = functional_call(self.model, masked, (x,), dict(self._forward_kwargs), strict=False)
@@ -343,9 +361,14 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         self.train()
 
     def start_finetuning(self, train_prompt: bool = True) -> None:
-        """Stage 2: freeze the mask (stored as 1 bit per weight) and train all weights and the prompt."""
+        """Stage 2: freeze the mask (stored as 1 bit per weight; for channels: the compact model) and train all
+        weights and the prompt."""
+        if self.structure is not None and not self.structure.compact:
+            raise ValueError("compact() the structured model before fine-tuning it.")
         self.freeze_mask()
         self.requires_grad_(True)
+        if self.structure is not None:
+            self.structure.hypernetwork.requires_grad_(False)
         self.prompt.requires_grad_(train_prompt)
         self.train()
 
@@ -368,6 +391,47 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
             masks = torch.cat(flat)
         self.sparsity.set_mask(masks)
         self.config.mask_format = "packed"
+
+    def start_structure_search(self) -> None:
+        """PASS search: train the hypernetwork and the prompt; the backbone is frozen."""
+        if self.structure is None or self.structure.compact:
+            raise ValueError("structure search needs an uncompacted structured model (sparsity_type='structured').")
+        self.requires_grad_(False)
+        self.structure.hypernetwork.requires_grad_(True)
+        self.prompt.requires_grad_(True)
+        self.train()
+
+    @torch.no_grad()
+    def channel_masks(self) -> list[torch.Tensor]:
+        """The hard per-unit channel masks the hypernetwork emits now (evaluation mode, no noise)."""
+        was_training = self.training
+        self.eval()
+        try:
+            hard, _ = self.structure.channel_masks(self.model, self.prompt.full_prompt(), hard_only=True)
+        finally:
+            self.train(was_training)
+        return hard
+
+    def compact(self, masks: list[torch.Tensor] | None = None) -> dict[str, int]:
+        """Physically remove pruned channels (the hypernetwork's current masks, or the given ones). The widths
+        are recorded in the config, so `from_pretrained` rebuilds this compact architecture."""
+        if self.structure is None:
+            raise ValueError("compact() needs a structured model (sparsity_type='structured').")
+        if masks is None:
+            masks = self.channel_masks()
+        return self.structure.compact_(self.model, masks)
+
+    def flops_report(self) -> dict[str, Any]:
+        """Dense and current FLOPs (FlopCounterMode on a real forward at the canvas size) and parameters."""
+        from .sparsity.flops import count_parameters, measure_flops
+
+        size = self.config.output_size
+        current = measure_flops(self.model, size)
+        dense = None
+        if self.structure is not None:
+            dense = self.structure.dense_flops
+        return {"flops": current, "dense_flops": dense, "flops_ratio": (current / dense) if dense else None,
+                "params": count_parameters(self.model)}
 
     def update_mask(self) -> None:
         if self.sparsity is not None:

@@ -84,11 +84,7 @@ class VisualPrompt(nn.Module):
             hi = out - self.input_size - lo
             x = F.pad(x, (lo, hi, lo, hi))
         if self.method == "pad":
-            p = self.pad_size
-            inner = torch.zeros(1, self.num_channels, out - 2 * p, out - 2 * p, device=x.device, dtype=x.dtype)
-            middle = torch.cat([self.pad_left, inner, self.pad_right], dim=3)
-            delta = torch.cat([self.pad_up, middle, self.pad_down], dim=2)
-            return torch.clamp(x + delta, 0.0, 1.0)
+            return torch.clamp(x + self.full_prompt(), 0.0, 1.0)
         if self.method in ("fix", "random"):
             m = self.mask_size
             if self.method == "random" and self.training:
@@ -102,6 +98,24 @@ class VisualPrompt(nn.Module):
         # expand: the ring outside the resized image.
         _, _, ring = self._constants(x)
         return torch.clamp(x + torch.sigmoid(self.canvas) * ring, 0.0, 1.0)
+
+    def full_prompt(self) -> torch.Tensor:
+        """The prompt as one (1, C, output_size, output_size) tensor T(delta) * M (zeros where there is none):
+        the input of PASS's prompt encoder. Differentiable w.r.t. the prompt parameters."""
+        out, c = self.output_size, self.num_channels
+        ref = next(self.parameters(), None)
+        if ref is None:
+            return torch.zeros(1, c, out, out)
+        if self.method == "pad":
+            p = self.pad_size
+            inner = torch.zeros(1, c, out - 2 * p, out - 2 * p, device=ref.device, dtype=ref.dtype)
+            middle = torch.cat([self.pad_left, inner, self.pad_right], dim=3)
+            return torch.cat([self.pad_up, middle, self.pad_down], dim=2)
+        if self.method in ("fix", "random"):
+            m = self.mask_size
+            return F.pad(torch.sigmoid(self.patch), (0, out - m, 0, out - m))
+        _, _, ring = self._constants(ref)
+        return torch.sigmoid(self.canvas) * ring
 
     def forward(self, x: torch.Tensor, use_prompt: bool = True) -> torch.Tensor:
         if use_prompt and self.method != "none":

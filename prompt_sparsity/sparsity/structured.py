@@ -1,0 +1,109 @@
+"""Structured (channel) sparsity inside `PromptedSparseModel` (PASS.md §2): the hypernetwork that emits channel
+masks under a FLOPs budget during search, and the kept channel indices once the base model is compacted."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .channels import ChannelMasker, compact_model, find_channel_units, masks_to_indices, shrink_to_widths
+from .flops import FlopsModel
+from .hypernetwork import PromptHyperNetwork
+from .selection import select_global, select_uniform, straight_through
+
+
+class ChannelSparsity(nn.Module):
+    """Holds the PASS hypernetwork (`hypernetwork`) and, after compaction, the kept channel indices of every unit
+    (`kept_indices`, concatenated in unit order; `config.channel_widths` gives each unit's count)."""
+
+    def __init__(self, config, base_model: nn.Module):
+        super().__init__()
+        self.config = config
+        units = find_channel_units(base_model)
+        found = [[u.name, u.num_channels] for u in units]
+        if config.channel_units is None:
+            config.channel_units = found
+        elif [list(x) for x in config.channel_units] != found:
+            raise ValueError(
+                "this structured checkpoint does not fit the base model: its channel units "
+                f"{[tuple(x) for x in config.channel_units][:3]}... differ from the base model's {found[:3]}...; "
+                f"load it onto the base it was searched on ({config.base_model_name_or_path!r})."
+            )
+        self.unit_sizes = [c for _, c in found]
+        self.hypernetwork = PromptHyperNetwork(
+            self.unit_sizes,
+            prompt_channels=config.num_channels,
+            hidden_size=config.hypernet_hidden_size,
+            stat_dim=config.hypernet_stat_dim,
+            temperature=config.hypernet_temperature,
+        )
+        widths = config.channel_widths
+        total = sum(widths.values()) if widths else 0
+        self.register_buffer("kept_indices", torch.zeros(total, dtype=torch.int32))
+        self._units = units  # of the dense base; recomputed after compaction
+        self._masker = None
+        self._flops = None
+        if widths:
+            shrink_to_widths(base_model, None, widths)
+            self._units = find_channel_units(base_model)
+
+    @property
+    def dense_flops(self) -> float | None:
+        return self.config.dense_flops
+
+    @property
+    def compact(self) -> bool:
+        return bool(self.config.channel_widths)
+
+    def flops_model(self, base_model: nn.Module) -> FlopsModel:
+        """Per-layer geometry recorded once, on the dense base at the canvas size the backbone sees."""
+        if self._flops is None:
+            self._flops = FlopsModel(base_model, self.config.output_size, self._units)
+        return self._flops
+
+    def masker(self, base_model: nn.Module) -> ChannelMasker:
+        if self._masker is None:
+            self._masker = ChannelMasker(base_model, self._units)
+        return self._masker
+
+    def channel_masks(self, base_model: nn.Module, prompt_tensor: torch.Tensor, *, hard_only: bool = False):
+        """Hypernetwork -> per-unit probabilities -> FLOPs-targeted hard masks (straight-through to the probs).
+        Returns (masks, probs)."""
+        from .hypernetwork import weight_statistics
+
+        stats = weight_statistics(base_model, self._units)
+        probs = self.hypernetwork(prompt_tensor, stats, noise=False)
+        select = select_global if self.config.channel_selection == "global" else select_uniform
+        with torch.no_grad():
+            hard = select([p.detach() for p in probs], self.flops_model(base_model), self.config.flops_ratio,
+                          min_channels=self.config.min_channels)
+        if hard_only:
+            return hard, probs
+        return straight_through(hard, probs), probs
+
+    @torch.no_grad()
+    def compact_(self, base_model: nn.Module, masks: list[torch.Tensor]) -> dict[str, int]:
+        """Physically remove the channels where `masks` are 0; record widths and kept indices."""
+        if self.compact:
+            raise ValueError("this model is already compacted.")
+        if self._masker is not None:
+            self._masker.detach()
+            self._masker = None
+        from .flops import measure_flops
+
+        indices = masks_to_indices(self._units, masks)
+        self.config.dense_flops = float(measure_flops(base_model, self.config.output_size))
+        widths = compact_model(base_model, self._units, masks)
+        self.config.channel_widths = dict(widths)
+        self.kept_indices = torch.cat([i.to(torch.int32) for i in indices]).to(self.kept_indices.device)
+        self._units = find_channel_units(base_model)
+        self._flops = None
+        return widths
+
+    def kept_indices_per_unit(self) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, _ in self.config.channel_units:
+            k = self.config.channel_widths[name]
+            out[name] = self.kept_indices[offset : offset + k].long()
+            offset += k
+        return out
