@@ -20,6 +20,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .configuration import IMAGENET_MEAN, IMAGENET_STD, PromptedSparseConfig
 from .label_mapping import fold_label_mapping, set_labels
 from .prompts import VisualPrompt
+from .sparsity.structured import ChannelSparsity
 from .sparsity.unstructured import (
     StraightThroughMask,
     ThresholdFinder,
@@ -122,14 +123,10 @@ class PromptedSparsePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        from .sparsity.hypernetwork import PromptHyperNetwork
-        from .sparsity.structured import ChannelSparsity
-
         if isinstance(module, VisualPrompt):
             module.reset_parameters(hf_init.zeros_)
-        elif isinstance(module, PromptHyperNetwork):
-            module.reset_parameters()
         elif isinstance(module, ChannelSparsity):
+            module.hypernetwork.reset_parameters()  # after its children's generic init: this one wins
             hf_init.zeros_(module.kept_indices)
         elif isinstance(module, UnstructuredMask):
             if module.frozen:
@@ -166,8 +163,6 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
             shapes = self._resolve_pruned_layers()
             self.sparsity = UnstructuredMask(layout(shapes), config.sparsity, config.threshold, config.mask_format)
         elif config.sparsity_type == "structured":
-            from .sparsity.structured import ChannelSparsity
-
             self.structure = ChannelSparsity(config, self.model)  # shrinks self.model if already compacted
         self._forward_kwargs = self._base_forward_kwargs()
         self.post_init()

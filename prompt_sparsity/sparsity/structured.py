@@ -8,8 +8,6 @@ from torch import nn
 
 from .channels import ChannelMasker, compact_model, find_channel_units, masks_to_indices, shrink_to_widths
 from .flops import FlopsModel
-from .hypernetwork import PromptHyperNetwork
-from .selection import select_global, select_uniform, straight_through
 
 
 class ChannelSparsity(nn.Module):
@@ -29,6 +27,8 @@ class ChannelSparsity(nn.Module):
                 f"{[tuple(x) for x in config.channel_units][:3]}... differ from the base model's {found[:3]}...; "
                 f"load it onto the base it was searched on ({config.base_model_name_or_path!r})."
             )
+        from .hypernetwork import PromptHyperNetwork
+
         self.unit_sizes = [c for _, c in found]
         self.hypernetwork = PromptHyperNetwork(
             self.unit_sizes,
@@ -70,6 +70,7 @@ class ChannelSparsity(nn.Module):
         """Hypernetwork -> per-unit probabilities -> FLOPs-targeted hard masks (straight-through to the probs).
         Returns (masks, probs)."""
         from .hypernetwork import weight_statistics
+        from .selection import select_global, select_uniform, straight_through
 
         stats = weight_statistics(base_model, self._units)
         probs = self.hypernetwork(prompt_tensor, stats, noise=False)
