@@ -12,14 +12,15 @@ class Stage:
     """A training stage. `search`: scores + prompt trainable, weights frozen. `dense`: all weights + prompt
     trainable with every weight kept. `finetune`: the mask is fixed, weights + prompt trainable."""
 
-    kind: str
+    kind: str  # search | dense | finetune | structure_search
     epochs_field: str  # the PruningArguments field that holds its number of epochs
+    steps: str | None = None  # overrides the method's steps for this stage
 
 
 @dataclass(frozen=True)
 class Prune:
-    """A one-shot pruning step: score weights with `criterion` and install the mask; `rewind` restores the
-    pretrained weights afterwards (OMP / lottery-ticket rewinding)."""
+    """A one-shot pruning step: score weights (or channels, for structured methods) with `criterion` and install
+    the mask (or compact the model); `rewind` restores the pretrained weights afterwards (OMP rewinding)."""
 
     criterion: str
     rewind: bool = False
@@ -33,6 +34,7 @@ class Method:
     steps: str = "augmented"  # default optimiser steps per iteration (see PruningArguments.steps)
     threshold: str = "global"
     sparse: bool = True
+    structured: bool = False
     description: str = ""
 
 
@@ -74,3 +76,20 @@ register_method(Method("snip", (Prune("snip"), FINETUNE), description="SNIP |w*g
 register_method(Method("grasp", (Prune("grasp"), FINETUNE), description="GraSP -w*Hg at the pretrained weights."))
 register_method(Method("synflow", (Prune("synflow"), FINETUNE), description="Iterative data-free SynFlow."))
 register_method(Method("dense", (DENSE,), sparse=False, description="Dense fine-tuning reference (no pruning)."))
+
+# Structured (channel) methods: PASS and the channel baselines at equal FLOPs (PASS.md §3).
+STRUCTURE_SEARCH = Stage("structure_search", "search_epochs", steps="prompted")
+register_method(
+    Method("pass", (STRUCTURE_SEARCH, Prune("hypernetwork"), FINETUNE), prompt_method="pad", steps="two",
+           structured=True,
+           description="Prompt-conditioned LSTM hypernetwork emits channel masks under a FLOPs budget (PASS).")
+)
+for _criterion, _text in [
+    ("l1", "L1 norm of filters"),
+    ("taylor", "first-order Taylor |dL/dm| of channel masks"),
+    ("bn_scale", "BatchNorm scale |gamma| (network slimming)"),
+    ("random_channels", "random channels"),
+    ("depgraph", "DepGraph group-norm importance (torch-pruning)"),
+]:
+    register_method(Method(_criterion, (Prune(_criterion), FINETUNE), structured=True,
+                           description=f"Channel pruning by {_text} at the FLOPs target, then fine-tune."))
