@@ -80,7 +80,15 @@ class PruningArguments:
     finetune_weight_decay: float = field(default=1e-4)
     momentum: float = field(default=0.9)
     warmup_ratio: float = field(default=0.0)
-    pruner_batches: int = field(default=4, metadata={"help": "Batches SNIP/GraSP average over."})
+    pruner_batches: int = field(default=4, metadata={"help": "Batches SNIP/GraSP/Taylor average over."})
+    flops_ratio: float = field(default=0.5, metadata={"help": "Structured methods: FLOPs budget vs the dense model."})
+    channel_selection: str = field(default="global", metadata={"help": "global (PASS) or uniform per unit."})
+    min_channels: int = field(default=1, metadata={"help": "Channels every unit keeps at least."})
+    hypernet_lr: float = field(default=1e-3, metadata={"help": "PASS hypernetwork + prompt encoder (Adam)."})
+    structure_prompt_lr: float = field(default=1e-3, metadata={"help": "PASS prompt during the search (Adam)."})
+    hypernet_hidden_size: int = field(default=128)
+    flops_penalty: float = field(default=0.0, metadata={"help": "Soft-FLOPs penalty weight (PASS.md: 2; 0 = off)."})
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     synflow_iterations: int = field(default=100)
 
 

@@ -80,6 +80,7 @@ class PromptedSparseConfig(PreTrainedConfig):
     hypernet_hidden_size: int = 128
     hypernet_stat_dim: int = 64
     hypernet_temperature: float = 0.4
+    flops_penalty: float = 0.0
     channel_units: list | None = None
     channel_widths: dict | None = None
     dense_flops: float | None = None

@@ -281,8 +281,14 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         if use_prompt is None:
             use_prompt = self.config.prompt_at_inference
         x = self.prompt(pixel_values, use_prompt=use_prompt)
-        if self.structure is not None and not self.structure.compact:
-            masks, _ = self.structure.channel_masks(self.model, self.prompt.full_prompt())
+        if self.structure is not None and not self.structure.compact and self.structure.enabled:
+            masks, probs = self.structure.channel_masks(self.model, self.prompt.full_prompt())
+            if self.training and self.config.flops_penalty > 0:
+                from .sparsity.hypernetwork import soft_flops_penalty
+
+                self._aux_loss = self.config.flops_penalty * soft_flops_penalty(
+                    self.structure.flops_model(self.model), probs, self.config.flops_ratio, lam=1.0
+                )
             masker = self.structure.masker(self.model)
             masker.set_masks(masks)
             with masker:
@@ -309,6 +315,9 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits, labels.to(logits.device))
+            aux, self._aux_loss = getattr(self, "_aux_loss", None), None
+            if aux is not None:
+                loss = loss + aux
         if return_dict is False:
             return (loss, logits) if loss is not None else (logits,)
         return ImageClassifierOutput(loss=loss, logits=logits)

@@ -125,8 +125,10 @@ class PruningRun:
         self.steps = prune_args.steps or self.method.steps
         if self.steps not in ("two", "prompted", "augmented"):
             raise ValueError(f"steps={self.steps!r}: use 'two', 'prompted' or 'augmented'.")
-        self.sparsity = prune_args.sparsity if self.method.sparse else 0.0
+        self.sparsity = prune_args.sparsity if self.method.sparse and not self.method.structured else 0.0
         self.name = run_name(self.method.name, model_args.model_name_or_path, data_args.dataset_name, self.sparsity)
+        if self.method.structured:
+            self.name = self.name.rsplit("-s", 1)[0] + f"-f{round(prune_args.flops_ratio * 100)}"
         self.output_dir = run_args.output_dir or os.path.join("outputs", self.name)
         self.accelerator = Accelerator(
             cpu=run_args.cpu,
@@ -160,14 +162,19 @@ class PruningRun:
                 margs.model_name_or_path, revision=margs.revision, head=margs.head,
                 id2label=self.data.id2label if margs.head == "new" else None,
                 sparsity=self.sparsity, threshold=pargs.threshold or self.method.threshold,
+                sparsity_type="structured" if self.method.structured else "unstructured",
+                flops_ratio=pargs.flops_ratio, channel_selection=pargs.channel_selection,
+                min_channels=pargs.min_channels, hypernet_hidden_size=pargs.hypernet_hidden_size,
+                flops_penalty=pargs.flops_penalty,
                 target_modules=pargs.target_modules, exclude_modules=pargs.exclude_modules,
                 prompt_method=self.prompt_method, input_size=margs.input_size,
                 output_size=margs.output_size or margs.input_size, pad_size=margs.pad_size,
                 mask_size=margs.mask_size, prompt_at_inference=margs.prompt_at_inference and self.prompt_on,
             )
+        what = (f"{len(self.model.structure.units)} channel units" if self.model.structure is not None
+                else f"{self.model.sparsity.numel if self.model.sparsity else 0:,} prunable weights")
         self.log(f"{self.name}: {self.data.name} train/val/test = {len(self.data.train)}/"
-                 f"{len(self.data.validation)}/{len(self.data.test)}, {self.data.num_labels} classes; "
-                 f"{self.model.sparsity.numel if self.model.sparsity else 0:,} prunable weights")
+                 f"{len(self.data.validation)}/{len(self.data.test)}, {self.data.num_labels} classes; {what}")
         if any(isinstance(step, Prune) and step.rewind for step in self.method.plan):
             self._pretrained_state = {k: v.detach().clone() for k, v in self.model.model.state_dict().items()}
         s, bs = margs.input_size, dargs.per_device_train_batch_size
@@ -219,6 +226,11 @@ class PruningRun:
                 groups.append({"params": prompt_params, "lr": pargs.search_prompt_lr,
                                "weight_decay": pargs.score_weight_decay})
             return torch.optim.Adam(groups), ["cosine", pargs.search_prompt_schedule]
+        if kind == "structure_search":
+            groups = [{"params": list(model.structure.hypernetwork.parameters()), "lr": pargs.hypernet_lr}]
+            if prompt_params:
+                groups.append({"params": prompt_params, "lr": pargs.structure_prompt_lr})
+            return torch.optim.Adam(groups), ["cosine", "cosine"]
         weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prompt.")]
         groups = [{"params": weights, "lr": pargs.finetune_lr, "weight_decay": pargs.finetune_weight_decay}]
         if prompt_params:
@@ -231,7 +243,12 @@ class PruningRun:
         model = self.model
         if kind == "search":
             model.start_mask_search()
+        elif kind == "structure_search":
+            model.start_structure_search()
         else:
+            if model.structure is not None and not model.structure.compact:
+                # Resuming after the compaction: rebuild the compact architecture, the checkpoint fills it in.
+                model.structure.restore_widths_(model.model, self.state["channel_widths"])
             if kind == "dense" and model.sparsity is not None and model.config.mask_format == "scores":
                 model.set_mask(torch.ones(model.sparsity.numel))
             model.start_finetuning(train_prompt=self.prompt_on)
@@ -243,11 +260,12 @@ class PruningRun:
         if epochs <= 0:
             return
         optimizer, schedules = self._param_groups(stage.kind)
-        iters = len(self.loader_a if self.steps != "augmented" else self.loader_b)
+        steps = stage.steps or self.steps
+        iters = len(self.loader_a if steps != "augmented" else self.loader_b)
         iters = math.ceil(iters / acc.num_processes)
         if self.run_args.max_steps_per_epoch:
             iters = min(iters, self.run_args.max_steps_per_epoch)
-        per_iter = 2 if self.steps == "two" else 1
+        per_iter = 2 if steps == "two" else 1
         total = max(1, epochs * iters * per_iter)
         warmup = int(pargs.warmup_ratio * total)
         fns = [cosine_schedule(total, warmup) if s == "cosine" else multistep_schedule(total) for s in schedules]
@@ -265,7 +283,7 @@ class PruningRun:
             loader_a.set_epoch(epoch)
             loader_b.set_epoch(epoch)
             model.train()
-            views = {"two": (loader_a, loader_b), "prompted": (loader_a,), "augmented": (loader_b,)}[self.steps]
+            views = {"two": (loader_a, loader_b), "prompted": (loader_a,), "augmented": (loader_b,)}[steps]
             bar = tqdm(total=iters, desc=f"{stage.kind} {epoch + 1}/{epochs}", disable=not acc.is_local_main_process)
             running = 0.0
             for i, batches in enumerate(zip(*views)):
@@ -338,23 +356,61 @@ class PruningRun:
                                        reduce_fn=lambda t: self.accelerator.reduce(t, "sum"), progress=bar)
 
     def prune(self, step: Prune) -> None:
+        if self.model.structure is not None:
+            return self.prune_channels(step)
         from .methods.pruners import prune_once
 
         pargs = self.prune_args
-        batches = []
-        if step.criterion in ("snip", "grasp"):
-            loader = self.accelerator.prepare_data_loader(self.loader_a)
-            loader.set_epoch(0)
-            for i, batch in enumerate(loader):
-                if i >= pargs.pruner_batches:
-                    break
-                batches.append(batch)
+        batches = self._first_batches(pargs.pruner_batches) if step.criterion in ("snip", "grasp") else []
         generator = torch.Generator().manual_seed(self.run_args.seed)
         prune_once(self.model, step.criterion, self.sparsity, batches=batches,
                    threshold=self.prune_args.threshold or self.method.threshold, generator=generator,
                    synflow_iterations=pargs.synflow_iterations)
         if step.rewind:  # OMP: the mask comes from the fine-tuned weights, training restarts from pretrained
             self.model.model.load_state_dict(self._pretrained_state)
+
+    def prune_channels(self, step: Prune) -> None:
+        """Structured: channel masks at the FLOPs target (from the PASS hypernetwork or a baseline criterion),
+        then physical compaction."""
+        from .methods.channel_pruners import channel_importance, normalise_per_unit
+        from .sparsity.flops import count_parameters
+        from .sparsity.selection import select_global, select_uniform
+
+        model, pargs = self.model, self.prune_args
+        self.state["dense_params"] = count_parameters(model.model)
+        if step.criterion == "hypernetwork":
+            masks = model.channel_masks()
+        else:
+            units, criterion = model.structure.units, step.criterion.replace("random_channels", "random")
+            batches = self._first_batches(pargs.pruner_batches) if criterion == "taylor" else None
+            size = model.config.output_size
+            with model.structure.disabled():
+                scores = channel_importance(
+                    criterion, model.model, units, batches=batches,
+                    forward_fn=lambda b: model(pixel_values=b["pixel_values"], labels=b["labels"],
+                                               use_prompt=self.prompt_on).loss,
+                    example_inputs=torch.randn(1, 3, size, size),
+                    generator=torch.Generator().manual_seed(self.run_args.seed),
+                )
+            global_ = pargs.channel_selection == "global"
+            select = select_global if global_ else select_uniform
+            masks = select(normalise_per_unit(scores) if global_ else scores,
+                           model.structure.flops_model(model.model), pargs.flops_ratio, min_channels=pargs.min_channels)
+        widths = model.compact(masks)
+        self.state["channel_widths"] = widths
+        report = model.flops_report()
+        self.log(f"compacted: {report['flops'] / 1e6:.1f} MFLOPs = {100 * report['flops_ratio']:.1f}% of dense "
+                 f"(target {100 * pargs.flops_ratio:.0f}%), {report['params']:,} parameters")
+
+    def _first_batches(self, n: int) -> list:
+        loader = self.accelerator.prepare_data_loader(self.loader_a)
+        loader.set_epoch(0)
+        batches = []
+        for i, batch in enumerate(loader):
+            if i >= n:
+                break
+            batches.append(batch)
+        return batches
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, Any]:

@@ -3,6 +3,8 @@ masks under a FLOPs budget during search, and the kept channel indices once the 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -41,6 +43,7 @@ class ChannelSparsity(nn.Module):
         total = sum(widths.values()) if widths else 0
         self.register_buffer("kept_indices", torch.zeros(total, dtype=torch.int32))
         self._units = units  # of the dense base; recomputed after compaction
+        self.enabled = True  # runtime switch: False runs the uncompacted base dense (baselines, references)
         self._masker = None
         self._flops = None
         if widths:
@@ -100,6 +103,30 @@ class ChannelSparsity(nn.Module):
         self._units = find_channel_units(base_model)
         self._flops = None
         return widths
+
+    @contextmanager
+    def disabled(self):
+        before, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = before
+
+    @property
+    def units(self):
+        return list(self._units)
+
+    def restore_widths_(self, base_model: nn.Module, widths: dict[str, int]) -> None:
+        """Give an uncompacted model the compact architecture of `widths` (values then come from a state dict,
+        e.g. when resuming a run after its compaction)."""
+        if self._masker is not None:
+            self._masker.detach()
+            self._masker = None
+        shrink_to_widths(base_model, None, widths)
+        self.config.channel_widths = dict(widths)
+        self.kept_indices = torch.zeros(sum(widths.values()), dtype=torch.int32, device=self.kept_indices.device)
+        self._units = find_channel_units(base_model)
+        self._flops = None
 
     def kept_indices_per_unit(self) -> dict[str, torch.Tensor]:
         out, offset = {}, 0

@@ -1,0 +1,400 @@
+"""One-shot unstructured pruning criteria used as baselines (VPNS.md §7): magnitude (OMP), random, SNIP, GraSP
+and SynFlow, as importance scores over the flat weight layout of `PromptedSparseModel` (`model.sparsity.layers`).
+
+Every criterion returns one flat float tensor of importances (length `model.sparsity.numel`, the same layout as
+the mask): **larger = keep**. `mask_from_importance` turns it into an exact 0/1 mask, `prune_once` does both and
+installs the mask with `model.set_mask`.
+
+All criteria score the **dense** pretrained network, whatever mask the model currently holds, and leave the model
+exactly as they found it (weights, norm statistics, mask, `requires_grad` flags, `.grad`, train/eval modes): the
+wrapped model is called with `torch.func.functional_call` on detached copies of its parameters (and, in train mode,
+on clones of its buffers), so nothing of the model is written, and module modes are restored on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..sparsity.unstructured import num_pruned
+
+logger = logging.getLogger(__name__)
+
+THRESHOLDS = ("global", "layerwise")
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _layers(model):
+    if getattr(model, "sparsity", None) is None:
+        raise ValueError("this model has no unstructured sparsity (config.sparsity_type='unstructured' is needed).")
+    return model.sparsity.layers
+
+
+def _pruned_weights(model) -> list[torch.Tensor]:
+    params = dict(model.model.named_parameters())
+    return [params[layer.param_name] for layer in _layers(model)]
+
+
+def _device(model) -> torch.device:
+    return _pruned_weights(model)[0].device
+
+
+def _check_sparsity(sparsity: float) -> float:
+    sparsity = float(sparsity)
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}.")
+    return sparsity
+
+
+def _check_threshold(threshold: str) -> str:
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold={threshold!r}: use one of {list(THRESHOLDS)}.")
+    return threshold
+
+
+@contextlib.contextmanager
+def _modes(model, train: bool):
+    """Put every module of `model` in train (or eval) mode, and give each its own flag back afterwards."""
+    saved = [(module, module.training) for module in model.modules()]
+    try:
+        model.train(train)
+        yield
+    finally:
+        for module, flag in saved:
+            module.training = flag
+
+
+def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch["pixel_values"], batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        "each batch must be a dict with 'pixel_values' and 'labels' (or a (pixel_values, labels) pair), "
+        f"got {type(batch).__name__}."
+    )
+
+
+def _materialise(batches, criterion: str) -> list:
+    if batches is None:
+        raise ValueError(
+            f"{criterion} is data-driven: pass batches (an iterable of {{'pixel_values', 'labels'}} dicts)."
+        )
+    batches = list(batches)
+    if not batches:
+        raise ValueError(f"{criterion} got no batches: pass at least one {{'pixel_values', 'labels'}} dict.")
+    return batches
+
+
+def _functional_state(model, train_mode: bool, dtype=None, linearise: bool = False):
+    """Detached stand-ins for the wrapped model's parameters (and buffers where they could be written or must be
+    changed), plus the leaves for the pruned weights. Nothing here aliases a tensor that a forward pass writes."""
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.model.named_parameters():
+        t = param.detach()
+        if linearise:
+            t = t.abs()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        state[name] = t
+    if train_mode or dtype is not None or linearise:
+        norm_stats = set()
+        if linearise:
+            for mod_name, module in model.model.named_modules():
+                if isinstance(module, _BatchNorm):
+                    prefix = f"{mod_name}." if mod_name else ""
+                    norm_stats.update({f"{prefix}running_mean", f"{prefix}running_var"})
+        for name, buf in model.model.named_buffers():
+            t = buf.detach().clone()  # train-mode norm layers update their statistics in place: on this clone
+            if t.is_floating_point():
+                if name in norm_stats:
+                    t = t.abs()
+                if dtype is not None:
+                    t = t.to(dtype)
+            state[name] = t
+    leaves = []
+    for layer in _layers(model):
+        leaf = state[layer.param_name].clone().requires_grad_(True)
+        state[layer.param_name] = leaf
+        leaves.append(leaf)
+    return state, leaves
+
+
+def _mapped_logits(model, logits: torch.Tensor) -> torch.Tensor:
+    index = model._label_index(logits.device)
+    return logits if index is None else logits.index_select(-1, index)
+
+
+def _loss(model, state, batch, use_prompt: bool, temperature: float = 1.0) -> torch.Tensor:
+    pixel_values, labels = _unpack(batch)
+    model._check_pixels(pixel_values)
+    with torch.no_grad():  # gradients are wanted w.r.t. the weights only
+        x = model.prompt(pixel_values, use_prompt=use_prompt)
+    out = functional_call(model.model, state, (x,), dict(model._forward_kwargs), strict=False)
+    logits = _mapped_logits(model, out.logits)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return F.cross_entropy(logits, labels.to(logits.device))
+
+
+def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+# --------------------------------------------------------------------------------------------------- criteria
+@torch.no_grad()
+def magnitude_importance(model) -> torch.Tensor:
+    """|θ| of every pruned weight (OMP / IMP use it with a global threshold)."""
+    weights = _pruned_weights(model)
+    device = weights[0].device
+    return _flat(w.detach().abs().to(device) for w in weights)
+
+
+@torch.no_grad()
+def random_importance(model, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform random importances (use a layerwise threshold for a uniform per-layer random mask). Drawn on the
+    generator's device (else the model's, from the global RNG), returned on the model's device."""
+    _layers(model)
+    n = model.sparsity.numel
+    device = _device(model)
+    if generator is not None:
+        return torch.rand(n, generator=generator, device=generator.device).to(device)
+    return torch.rand(n, device=device)
+
+
+def snip_importance(model, batches, *, use_prompt: bool = False, train_mode: bool = False) -> torch.Tensor:
+    """SNIP connection sensitivity |θ ⊙ g|, g = gradient of the summed per-batch (mean cross-entropy) losses of
+    the dense network w.r.t. the pruned weights. `train_mode=False` scores with eval-mode norm layers (running
+    statistics) and no dropout; `train_mode=True` with batch statistics (the model's stored statistics are
+    still left untouched)."""
+    batches = _materialise(batches, "snip")
+    with _modes(model, train_mode):
+        state, leaves = _functional_state(model, train_mode)
+        grads = [torch.zeros_like(leaf) for leaf in leaves]
+        for batch in batches:
+            loss = _loss(model, state, batch, use_prompt)
+            for acc, g in zip(grads, torch.autograd.grad(loss, leaves)):
+                acc.add_(g)
+    with torch.no_grad():
+        return _flat(leaf.detach() * g for leaf, g in zip(leaves, grads)).abs_()
+
+
+def grasp_hessian_gradient(
+    model, batches, *, use_prompt: bool = False, temperature: float = 200.0, train_mode: bool = False
+) -> torch.Tensor:
+    """Flat Hg (GraSP): g = Σ_b ∇L_b, Hg = Σ_b ∇(∇L_b · stop_grad(g)), over the pruned weights of the dense
+    network, with logits divided by `temperature` in the losses (GraSP's T = 200)."""
+    batches = _materialise(batches, "grasp")
+    # Fused attention kernels (flash / memory-efficient) have no double backward; the math kernel does.
+    with _modes(model, train_mode), sdpa_kernel(SDPBackend.MATH):
+        state, leaves = _functional_state(model, train_mode)
+        g = [torch.zeros_like(leaf) for leaf in leaves]
+        for batch in batches:
+            loss = _loss(model, state, batch, use_prompt, temperature)
+            for acc, gb in zip(g, torch.autograd.grad(loss, leaves)):
+                acc.add_(gb)
+        hg = [torch.zeros_like(leaf) for leaf in leaves]
+        for batch in batches:
+            loss = _loss(model, state, batch, use_prompt, temperature)
+            grad = torch.autograd.grad(loss, leaves, create_graph=True)
+            z = sum((gi * fi).sum() for gi, fi in zip(g, grad))
+            for acc, h in zip(hg, torch.autograd.grad(z, leaves)):
+                acc.add_(h)
+    return _flat(h.detach() for h in hg)
+
+
+def grasp_importance(
+    model, batches, *, use_prompt: bool = False, temperature: float = 200.0, train_mode: bool = False
+) -> torch.Tensor:
+    """GraSP: S = -θ ⊙ Hg and GraSP prunes the *largest* S (removing them least reduces the gradient flow), so
+    the importance is -S = θ ⊙ Hg (prune the smallest). Batches are iterated twice (a one-shot iterator is
+    materialised into a list)."""
+    hg = grasp_hessian_gradient(model, batches, use_prompt=use_prompt, temperature=temperature, train_mode=train_mode)
+    with torch.no_grad():
+        theta = _flat(w.detach().to(hg.device) for w in _pruned_weights(model))
+        return theta * hg
+
+
+def _synflow_scores(model, state, leaves, mask, x) -> torch.Tensor:
+    for layer, leaf in zip(model.sparsity.layers, leaves):
+        state[layer.param_name] = leaf * mask[layer.offset : layer.offset + layer.numel].view(layer.shape)
+    out = functional_call(model.model, state, (x,), dict(model._forward_kwargs), strict=False)
+    r = _mapped_logits(model, out.logits).sum()
+    grads = torch.autograd.grad(r, leaves)
+    with torch.no_grad():
+        return _flat(g * leaf for g, leaf in zip(grads, leaves)).abs_()
+
+
+def synflow_importance(
+    model,
+    sparsity: float,
+    *,
+    iterations: int = 100,
+    input_size: int | tuple[int, int] | None = None,
+    threshold: str = "global",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """SynFlow (Tanaka et al. 2020), data-free and iterative. The network is linearised (|θ| for every parameter and
+    |running statistics| of batch norms, eval mode), fed one all-ones input of `input_size` (default: the canvas
+    `config.output_size` the base model sees), and R = Σ logits (label-mapped when a mapping is set);
+    score = |∂R/∂θ ⊙ θ| with the current mask applied. Iteration i = 1..n keeps the top (1-s)^(i/n) of the
+    weights (exactly `num_pruned(sparsity, N)` pruned at the end), already-pruned weights staying pruned.
+
+    Returns the last iteration's scores with the weights pruned before it set to -1 (below every score), so that
+    `mask_from_importance(model, result, sparsity, threshold)` reproduces SynFlow's final mask exactly. Computed in
+    `dtype` (float64 by default: products of |θ| over many layers overflow or underflow in float32) and returned in
+    that dtype (casting could merge distinct scores)."""
+    sparsity = _check_sparsity(sparsity)
+    threshold = _check_threshold(threshold)
+    if int(iterations) < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}.")
+    iterations = int(iterations)
+    layers = _layers(model)
+    if input_size is None:
+        input_size = model.config.output_size
+    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    device = _device(model)
+    x = torch.ones(1, model.config.num_channels, h, w, device=device, dtype=dtype)
+    with _modes(model, False):
+        state, leaves = _functional_state(model, train_mode=False, dtype=dtype, linearise=True)
+        mask = torch.ones(model.sparsity.numel, device=device, dtype=dtype)
+        importance = None
+        for i in range(1, iterations + 1):
+            s_i = sparsity if i == iterations else 1.0 - (1.0 - sparsity) ** (i / iterations)
+            scores = _synflow_scores(model, state, leaves, mask, x)
+            if not torch.isfinite(scores).all():
+                raise FloatingPointError(
+                    f"SynFlow scores overflowed in {dtype} at iteration {i}; use dtype=torch.float64 (the default) "
+                    "or a smaller input_size."
+                )
+            importance = scores.masked_fill_(mask == 0, -1.0)
+            mask = _select(importance, layers, s_i, threshold).to(dtype)
+    return importance
+
+
+# --------------------------------------------------------------------------------------------------- masks
+def _prune_smallest_(values: torch.Tensor, out: torch.Tensor, k: int) -> None:
+    """out[j] = 0 for the k smallest values (ties at the threshold: the first positions are pruned), else 1."""
+    n = values.numel()
+    if k <= 0:
+        out.fill_(1)
+        return
+    if k >= n:
+        out.zero_()
+        return
+    tau = torch.kthvalue(values, k).values
+    below = values < tau
+    out.copy_(~below)
+    need = k - int(below.sum())  # >= 1: how many of the values equal to tau to prune
+    tied = torch.nonzero(values == tau).flatten()
+    out[tied[:need]] = 0
+
+
+@torch.no_grad()
+def _select(importance: torch.Tensor, layers, sparsity: float, threshold: str) -> torch.Tensor:
+    values = importance.detach().reshape(-1)
+    mask = torch.empty(values.shape, dtype=torch.float32, device=values.device)
+    if threshold == "global":
+        _prune_smallest_(values, mask, num_pruned(sparsity, values.numel()))
+    else:
+        for layer in layers:
+            sl = slice(layer.offset, layer.offset + layer.numel)
+            _prune_smallest_(values[sl], mask[sl], num_pruned(sparsity, layer.numel))
+    return mask
+
+
+def mask_from_importance(model, importance: torch.Tensor, sparsity: float, threshold: str = "global") -> torch.Tensor:
+    """Flat 0/1 float mask pruning exactly `num_pruned(sparsity, N)` weights of smallest importance over all pruned
+    layers (`threshold="global"`), or `num_pruned(sparsity, layer.numel)` in every layer (`"layerwise"`). Works on
+    the raw (possibly negative) importances; ties at the threshold are broken by position (earlier ones pruned)."""
+    sparsity = _check_sparsity(sparsity)
+    threshold = _check_threshold(threshold)
+    layers = _layers(model)
+    if importance.numel() != model.sparsity.numel:
+        raise ValueError(
+            f"importance has {importance.numel()} entries but the pruned layers hold {model.sparsity.numel} weights."
+        )
+    if torch.isnan(importance).any():
+        raise ValueError("importance contains NaN; cannot rank the weights.")
+    return _select(importance, layers, sparsity, threshold)
+
+
+# --------------------------------------------------------------------------------------------------- one shot
+PRUNERS = {
+    "magnitude": magnitude_importance,
+    "random": random_importance,
+    "snip": snip_importance,
+    "grasp": grasp_importance,
+    "synflow": synflow_importance,
+}
+DATA_DRIVEN = ("snip", "grasp")
+DEFAULT_THRESHOLD = {
+    "magnitude": "global",
+    "random": "layerwise",  # uniform per-layer sparsity (VPNS.md §7)
+    "snip": "global",
+    "grasp": "global",
+    "synflow": "global",
+}
+
+
+def prune_once(
+    model,
+    criterion: str,
+    sparsity: float,
+    *,
+    batches=None,
+    threshold: str | None = None,
+    generator: torch.Generator | None = None,
+    synflow_iterations: int = 100,
+    use_prompt: bool = False,
+) -> torch.Tensor:
+    """Score the dense network with `criterion` (one of `PRUNERS`), prune exactly `num_pruned(sparsity, ·)` weights
+    (random: per layer by default, the others: globally), install the mask with `model.set_mask` and return it
+    (flat 0/1 float). `config.sparsity` is set to `sparsity`. `batches` (SNIP, GraSP): an iterable of
+    `{"pixel_values", "labels"}` dicts on the model's device; `use_prompt` passes them through the prompt."""
+    if criterion not in PRUNERS:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; known: {sorted(PRUNERS)}.")
+    sparsity = _check_sparsity(sparsity)
+    threshold = _check_threshold(threshold or DEFAULT_THRESHOLD[criterion])
+    _layers(model)
+    if criterion in DATA_DRIVEN:
+        batches = _materialise(batches, criterion)
+    if criterion == "magnitude":
+        importance = magnitude_importance(model)
+    elif criterion == "random":
+        importance = random_importance(model, generator=generator)
+    elif criterion == "snip":
+        importance = snip_importance(model, batches, use_prompt=use_prompt)
+    elif criterion == "grasp":
+        importance = grasp_importance(model, batches, use_prompt=use_prompt)
+    else:
+        importance = synflow_importance(model, sparsity, iterations=synflow_iterations, threshold=threshold)
+    mask = mask_from_importance(model, importance, sparsity, threshold)
+    model.set_mask(mask)
+    model.config.sparsity = sparsity
+    model.sparsity.sparsity = sparsity
+    logger.info(
+        "%s pruning (%s threshold): %d of %d weights pruned", criterion, threshold, int(mask.numel() - mask.sum()),
+        mask.numel(),
+    )
+    return mask
+
+
+__all__ = [
+    "PRUNERS",
+    "grasp_hessian_gradient",
+    "grasp_importance",
+    "magnitude_importance",
+    "mask_from_importance",
+    "prune_once",
+    "random_importance",
+    "snip_importance",
+    "synflow_importance",
+]
