@@ -450,10 +450,13 @@ class PruningRun:
     def dense_reference(self) -> dict[str, float] | None:
         """Test accuracy of the pretrained dense model with its own FLM and no training: a floor, not the
         fine-tuned dense reference (run --method dense for that). Computed on a copy: the run is untouched."""
-        if self.model.sparsity is None:
+        if self.model.sparsity is None and self.model.structure is None:
             return None
         dense = copy.deepcopy(self.model)
-        dense.set_mask(torch.ones(dense.sparsity.numel))
+        if dense.sparsity is not None:
+            dense.set_mask(torch.ones(dense.sparsity.numel))
+        else:
+            dense.structure.enabled = False
         dense.set_label_mapping(self.compute_label_mapping(dense), self.data.id2label)
         return evaluate(dense, self.eval_loaders["test"], self.accelerator, use_prompt=False, desc="dense")
 
@@ -469,6 +472,7 @@ class PruningRun:
         digests = gather_object([mask_digest(model)])
         timings = self.state["timings"]
         train_s = timings.get("train_s", 0.0)
+        structured = self.structured_results() if model.structure is not None else {}
         return {
             "name": self.name,
             "method": self.method.name,
@@ -501,6 +505,30 @@ class PruningRun:
             "masks_identical_across_ranks": len(set(digests)) == 1,
             "seed": self.run_args.seed,
             "args": self.all_args(),
+            **structured,
+        }
+
+    def structured_results(self) -> dict[str, Any]:
+        """FLOPs (FlopCounterMode), parameters and measured latency of the compact model vs the dense one."""
+        from .latency import compare_latency
+        from .sparsity.flops import count_parameters
+
+        model, margs = self.model, self.model_args
+        report = model.flops_report()
+        dense = PromptedSparseModel.from_base(
+            margs.model_name_or_path, revision=margs.revision, head=margs.head,
+            id2label=self.data.id2label if margs.head == "new" else None, sparsity_type="none",
+        ).model
+        latency = None
+        if self.accelerator.is_main_process:
+            compact = copy.deepcopy(model.model).cpu()
+            latency = compare_latency({"dense": dense, "compact": compact}, model.config.output_size,
+                                      tuple(self.prune_args.latency_batch_sizes))
+        return {
+            "flops": report["flops"], "dense_flops": report["dense_flops"], "flops_ratio": report["flops_ratio"],
+            "flops_target": self.prune_args.flops_ratio, "params": report["params"],
+            "dense_params": count_parameters(dense), "channel_selection": self.prune_args.channel_selection,
+            "channel_widths": model.config.channel_widths, "latency": latency,
         }
 
     def save(self, results: dict[str, Any]) -> None:
@@ -526,17 +554,26 @@ def print_summary(results: dict[str, Any]) -> None:
     rows = []
     dense = results.get("dense_pretrained_flm")
     if dense:
-        rows.append(("dense pretrained + FLM (no training)", f"{dense['accuracy']:.2f}", "0.0"))
+        rows.append(("dense pretrained + FLM (no training)", f"{dense['accuracy']:.2f}", "0.0%"))
+    sp = f"{100 * results['sparsity']:.1f}%"
     name = DISPLAY_NAMES.get(results["method"], results["method"])
     if "test_accuracy_prompt" in test:
-        rows.append((f"{name} with prompt", f"{test['test_accuracy_prompt']:.2f}", f"{100 * results['sparsity']:.1f}"))
-    rows.append((f"{name} without prompt", f"{test['test_accuracy_no_prompt']:.2f}", f"{100 * results['sparsity']:.1f}"))
+        rows.append((f"{name} with prompt", f"{test['test_accuracy_prompt']:.2f}", sp))
+    rows.append((f"{name} without prompt", f"{test['test_accuracy_no_prompt']:.2f}", sp))
+    if results.get("flops_ratio"):
+        extra = f"{100 * results['flops_ratio']:.1f}% FLOPs"
+        rows = [(r[0], r[1], extra if r[2] != "0.0%" else "100% FLOPs") for r in rows]
     width = max(len(r[0]) for r in rows)
     lines = [f"\n{results['name']}  ({results['dataset']}, {results['samples']['test']} test images, "
              f"input {results['input_size']}px)",
-             f"{'model':<{width}}  {'test acc %':>10}  {'sparsity %':>10}",
-             f"{'-' * width}  {'-' * 10}  {'-' * 10}"]
-    lines += [f"{r[0]:<{width}}  {r[1]:>10}  {r[2]:>10}" for r in rows]
+             f"{'model':<{width}}  {'test acc %':>10}  {'sparsity':>12}",
+             f"{'-' * width}  {'-' * 10}  {'-' * 12}"]
+    lines += [f"{r[0]:<{width}}  {r[1]:>10}  {r[2]:>12}" for r in rows]
+    for key, entry in (results.get("latency") or {}).items():
+        if key.startswith("batch_"):
+            lines.append(f"CPU latency {key.replace('_', ' ')}: dense {entry['dense']['median_ms']:.1f} ms, compact "
+                         f"{entry['compact']['median_ms']:.1f} ms ({entry['speedup']:.2f}x; {results['latency']['threads']}"
+                         " threads, median)")
     lines.append(f"wall time {results['wall_time_s']:.0f} s, training {results['train_images_per_s'] or 0:.0f} "
                  f"images/s, {results['world_size']} process(es) on {results['device']}")
     print("\n".join(lines), flush=True)

@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""PASS and the structured (channel) baselines at equal FLOPs, end to end:
+
+    accelerate launch recipes/pass.py                                   # offline EfficientNet-Lite0, 50% FLOPs
+    accelerate launch recipes/pass.py --method l1 --flops_ratio 0.3     # l1, taylor, bn_scale, random_channels,
+                                                                        # depgraph; --channel_selection uniform
+    accelerate launch recipes/pass.py --model_name_or_path microsoft/resnet-18 --dataset_name uoft-cs/cifar100
+
+Search (hypernetwork + prompt, backbone frozen) -> physical compaction -> fine-tuning with the prompt; results.json
+adds FLOPs, parameters and measured latency of the compact vs the dense model.
+"""
+
+import sys
+
+from common import parse, setup_logging
+
+from prompt_sparsity.methods import get_method
+from prompt_sparsity.training import run_pruning
+
+
+def main(argv=None):
+    setup_logging()
+    args = parse(sys.argv[1:] if argv is None else argv, method="pass")
+    if not get_method(args[2].method).structured:
+        raise SystemExit(f"--method {args[2].method} is an unstructured method: use recipes/vpns.py.")
+    run_pruning(*args)
+
+
+if __name__ == "__main__":
+    main()
