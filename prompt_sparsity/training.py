@@ -79,10 +79,14 @@ def multistep_schedule(total_steps: int, milestones=(0.5, 0.72), gamma: float = 
 
 
 def mask_digest(model: PromptedSparseModel) -> str:
-    if model.sparsity is None:
+    """A fingerprint of the subnetwork (the 0/1 mask, or the kept channel indices) to compare across processes."""
+    if model.sparsity is not None:
+        data = (model.sparsity.mask() > 0).to(torch.uint8)
+    elif model.structure is not None:
+        data = model.structure.kept_indices
+    else:
         return ""
-    bits = (model.sparsity.mask() > 0).to(torch.uint8).cpu().numpy().tobytes()
-    return hashlib.sha256(bits).hexdigest()
+    return hashlib.sha256(data.cpu().numpy().tobytes()).hexdigest()
 
 
 @torch.no_grad()
