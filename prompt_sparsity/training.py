@@ -121,9 +121,9 @@ class PruningRun:
     """One run of one method: the model, the data, the plan, and the state needed to resume."""
 
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, prune_args: PruningArguments,
-                 run_args: RunArguments):
+                 run_args: RunArguments, method: Method | None = None):
         self.model_args, self.data_args, self.prune_args, self.run_args = model_args, data_args, prune_args, run_args
-        self.method: Method = get_method(prune_args.method)
+        self.method: Method = method or get_method(prune_args.method)
         self.prompt_method = model_args.prompt_method or self.method.prompt_method
         self.prompt_on = self.prompt_method != "none"
         self.steps = prune_args.steps or self.method.steps
@@ -382,7 +382,10 @@ class PruningRun:
 
         model, pargs = self.model, self.prune_args
         self.state["dense_params"] = count_parameters(model.model)
-        if step.criterion == "hypernetwork":
+        if step.criterion == "transferred_structure":
+            self.apply_transfer()
+            masks = None
+        elif step.criterion == "hypernetwork":
             masks = model.channel_masks()
         else:
             units, criterion = model.structure.units, step.criterion.replace("random_channels", "random")
@@ -400,11 +403,14 @@ class PruningRun:
             select = select_global if global_ else select_uniform
             masks = select(normalise_per_unit(scores) if global_ else scores,
                            model.structure.flops_model(model.model), pargs.flops_ratio, min_channels=pargs.min_channels)
-        widths = model.compact(masks)
+        widths = model.compact(masks) if masks is not None else model.config.channel_widths
         self.state["channel_widths"] = widths
         report = model.flops_report()
         self.log(f"compacted: {report['flops'] / 1e6:.1f} MFLOPs = {100 * report['flops_ratio']:.1f}% of dense "
                  f"(target {100 * pargs.flops_ratio:.0f}%), {report['params']:,} parameters")
+
+    def apply_transfer(self) -> None:
+        """Hook for TransferRun: install the pulled subnetwork's parts."""
 
     def _first_batches(self, n: int) -> list:
         loader = self.accelerator.prepare_data_loader(self.loader_a)
@@ -581,6 +587,61 @@ def print_summary(results: dict[str, Any]) -> None:
     lines.append(f"wall time {results['wall_time_s']:.0f} s, training {results['train_images_per_s'] or 0:.0f} "
                  f"images/s, {results['world_size']} process(es) on {results['device']}")
     print("\n".join(lines), flush=True)
+
+
+class TransferRun(PruningRun):
+    """Fine-tune a subnetwork searched elsewhere on a new dataset (see `prompt_sparsity.transfer`)."""
+
+    def __init__(self, model_args, data_args, prune_args, run_args, transfer_args):
+        from .transfer import load_subnetwork_config, transfer_plan
+
+        self.transfer_args = transfer_args
+        if not transfer_args.subnetwork:
+            raise ValueError("--subnetwork is required: a repo id or a local directory of a saved subnetwork.")
+        c = self.source = load_subnetwork_config(transfer_args.subnetwork, transfer_args.subnetwork_revision)
+        if not c.base_model_name_or_path:
+            raise ValueError(f"{transfer_args.subnetwork}: its config names no base_model_name_or_path, so the "
+                             "pretrained weights to apply the mask to are unknown.")
+        model_args = dataclasses.replace(
+            model_args, model_name_or_path=c.base_model_name_or_path, head=c.head, prompt_method=c.prompt_method,
+            input_size=c.input_size, output_size=c.output_size, pad_size=c.pad_size, mask_size=c.mask_size,
+        )
+        prune_args = dataclasses.replace(
+            prune_args, sparsity=c.sparsity, threshold=c.threshold, target_modules=c.target_modules,
+            exclude_modules=c.exclude_modules, flops_ratio=c.flops_ratio, channel_selection=c.channel_selection,
+            min_channels=c.min_channels, hypernet_hidden_size=c.hypernet_hidden_size,
+        )
+        super().__init__(model_args, data_args, prune_args, run_args, method=transfer_plan(c, transfer_args))
+        self.name = f"transfer-{short_name(transfer_args.subnetwork)}-{short_name(data_args.dataset_name)}"
+        self.output_dir = run_args.output_dir or os.path.join("outputs", self.name)
+
+    def build(self) -> None:
+        from .transfer import fetch_tensors
+
+        with self.accelerator.main_process_first():
+            self.tensors = fetch_tensors(self.transfer_args.subnetwork, self.source, self.transfer_args)
+        super().build()
+        if self.model.structure is None or self.transfer_args.adapt_hypernetwork:
+            self.apply_transfer()
+
+    def apply_transfer(self) -> None:
+        from .transfer import apply_subnetwork
+
+        apply_subnetwork(self.model, self.source, self.tensors)
+
+    def results(self, final, wall):
+        out = super().results(final, wall)
+        out["transferred_from"] = {"subnetwork": self.transfer_args.subnetwork,
+                                   "revision": self.transfer_args.subnetwork_revision,
+                                   "prompt": self.transfer_args.transfer_prompt,
+                                   "adapt_hypernetwork": self.transfer_args.adapt_hypernetwork}
+        return out
+
+
+def run_transfer(model_args: ModelArguments, data_args: DataArguments, prune_args: PruningArguments,
+                 run_args: RunArguments, transfer_args) -> dict[str, Any]:
+    """Transfer a subnetwork (repo id or directory) to a new dataset and fine-tune it; returns the results."""
+    return TransferRun(model_args, data_args, prune_args, run_args, transfer_args).run()
 
 
 def run_pruning(model_args: ModelArguments, data_args: DataArguments, prune_args: PruningArguments,
