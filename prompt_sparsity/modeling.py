@@ -517,6 +517,12 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         if is_main_process:
             self.image_processor().save_pretrained(save_directory)
 
+    def push_to_hub(self, repo_id, **kwargs):
+        """Save to a temporary folder and push with a generated model card (`prompt_sparsity.hub.push_model`)."""
+        from .hub import push_model
+
+        return push_model(self, repo_id, **kwargs)
+
 
 def _native_size(config) -> int:
     size = getattr(config, "image_size", None)
