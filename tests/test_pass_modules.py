@@ -128,6 +128,10 @@ def test_target_ratio_errors():
         with pytest.raises(ValueError, match="below the smallest FLOPs ratio reachable with min_channels"):
             select(_random_scores(units), fm, 0.5)
     assert all(m.sum() == m.numel() for m in select_global(_random_scores(units), fm, 1.0))
+    for select in (select_global, select_uniform):  # strict=False: the minimal masks, with a warning
+        with pytest.warns(UserWarning, match="minimal masks"):
+            masks = select(_random_scores(units), fm, 0.5, strict=False)
+        assert all(m.sum() == 1 for m in masks)
 
 
 def test_select_ties_are_deterministic():
@@ -164,10 +168,17 @@ def test_hypernetwork_shapes_init_and_reset():
     assert [p.shape for p in noisy] == [(c,) for c in sizes] and not torch.equal(noisy[0], probs[0])
     assert [p.shape for p in net(None, stats)] == [(c,) for c in sizes]  # no-prompt ablation
     assert all(torch.equal(h.bias, torch.full_like(h.bias, 3.0)) for h in net.heads)
-    state = {k: v.clone() for k, v in net.state_dict().items()}
     torch.manual_seed(3)
+    twin = PromptHyperNetwork(sizes, hidden_size=32, stat_dim=16)
+    assert all(torch.equal(twin.state_dict()[k], v) for k, v in net.state_dict().items())
+    torch.manual_seed(4)
     net.reset_parameters()
-    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    assert not torch.equal(state["heads.0.weight"], twin.heads[0].weight)
+    torch.manual_seed(4)
+    twin.reset_parameters()  # deterministic given the global seed
+    assert all(torch.equal(state[k], v) for k, v in twin.state_dict().items())
+    assert all(torch.equal(h.bias, torch.full_like(h.bias, 3.0)) for h in twin.heads)
     with pytest.raises(ValueError, match="weight statistics"):
         net(prompt, stats[:-1])
 
@@ -220,11 +231,11 @@ def test_weight_statistics():
 def test_soft_flops_penalty():
     _, units, fm = _setup("mobilenet_v2")
     low = [torch.full((u.num_channels,), 0.1, requires_grad=True) for u in units]
-    assert float(soft_flops_penalty(fm, low, 0.5)) == 0.0
+    assert float(soft_flops_penalty(fm, low, 0.5).detach()) == 0.0
     high = [torch.full((u.num_channels,), 0.99, requires_grad=True) for u in units]
     pen = soft_flops_penalty(fm, high, 0.5)
     expected = 2.0 * math.log(float(fm.ratio([h.detach() for h in high])) / 0.5)
-    assert pen > 0 and abs(float(pen) - expected) < 1e-4
+    assert pen > 0 and abs(float(pen.detach()) - expected) < 1e-4
     pen.backward()
     assert all(bool((h.grad > 0).all()) for h in high)
 
@@ -313,3 +324,38 @@ def test_depgraph_importance(arch):
         w_in = model.get_submodule(u.consumer).weight.transpose(0, 1).flatten(1).pow(2).sum(1)
         expected = (w_out + gamma + w_in) / 3
         assert torch.allclose(scores[0], expected / expected.mean(), rtol=1e-4)
+
+
+def test_hypernetwork_init_inside_a_transformers_model(tmp_path):
+    """transformers initialises the children first (HF defaults: zero biases), then calls `_init_weights` on the
+    hypernetwork itself, whose `reset_parameters` must win; loading a checkpoint must not re-initialise."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class Config(PretrainedConfig):
+        model_type = "pass_test"
+
+    class Model(PreTrainedModel):
+        config_class = Config
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.hyper = PromptHyperNetwork([4, 6], hidden_size=8, stat_dim=4)
+            self.post_init()
+
+        @torch.no_grad()
+        def _init_weights(self, module):  # the pattern of PromptedSparsePreTrainedModel._init_weights
+            if isinstance(module, PromptHyperNetwork):
+                module.reset_parameters()
+            else:
+                super()._init_weights(module)
+
+    torch.manual_seed(0)
+    model = Model(Config())
+    assert all(torch.equal(h.bias, torch.full_like(h.bias, 3.0)) for h in model.hyper.heads)
+    with torch.no_grad():
+        for h in model.hyper.heads:
+            h.bias.add_(1.0)
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    loaded = Model.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
