@@ -143,7 +143,7 @@ def test_uniform_selection():
 
 
 def test_unsupported_model_and_bad_ratio():
-    with pytest.raises(ValueError, match="supported"):
+    with pytest.raises(ValueError, match="Supported architectures"):
         wrap("vit")
     with pytest.raises(ValueError, match="flops_ratio=1.5 is outside \\(0, 1\\]"):
         PromptedSparseConfig(sparsity_type="structured", flops_ratio=1.5)

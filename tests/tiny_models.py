@@ -24,11 +24,12 @@ def tiny_model(arch: str, num_labels: int = 10, seed: int = 0):
     torch.manual_seed(seed)
     if arch == "resnet_basic":
         model = ResNetForImageClassification(
-            ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=num_labels)
+            ResNetConfig(embedding_size=8, hidden_sizes=[32, 64], depths=[1, 1], layer_type="basic", num_labels=num_labels)
         )
     elif arch == "resnet_bottleneck":
         model = ResNetForImageClassification(
-            ResNetConfig(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="bottleneck", num_labels=num_labels)
+            ResNetConfig(embedding_size=8, hidden_sizes=[128, 256], depths=[1, 1], layer_type="bottleneck",
+                         num_labels=num_labels)
         )
     elif arch == "vit":
         model = ViTForImageClassification(
