@@ -21,7 +21,7 @@ class ModelArguments:
     prompt_method: str | None = field(
         default=None, metadata={"help": "pad|fix|random|expand|none (default: the method's own, pad for VPNs)."}
     )
-    input_size: int = field(default=64, metadata={"help": "Images are resized to this size (paper: 224)."})
+    input_size: int = field(default=48, metadata={"help": "Images are resized to this size (paper: 224)."})
     output_size: int | None = field(default=None, metadata={"help": "Prompt canvas size (default: input_size)."})
     pad_size: int = field(default=4, metadata={"help": "Width of the 'pad' prompt frame (paper: 16 at 224)."})
     mask_size: int = field(default=40, metadata={"help": "Side of the 'fix'/'random' prompt square."})
@@ -103,6 +103,11 @@ class RunArguments:
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
     report_to: str = field(default="none", metadata={"help": "Accelerate trackers: none, all, tensorboard, wandb."})
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when an accelerator is present."})
+    torch_threads: int | None = field(
+        default=None,
+        metadata={"help": "CPU threads per process (default: the cores available / processes; `accelerate launch` "
+                          "alone would leave 1)."},
+    )
     push_to_hub: bool = field(default=False)
     hub_model_id: str | None = field(default=None, metadata={"help": "Default: a name derived from the run."})
     hub_private: bool = field(default=False)

@@ -45,6 +45,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions of an ordinary one
     os.replace(tmp, path)
 
 
@@ -140,6 +143,10 @@ class PruningRun:
             project_dir=self.output_dir,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.device.type == "cpu":
+            # `accelerate launch` sets OMP_NUM_THREADS=1; on CPU give each process its share of the cores.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(run_args.torch_threads or max(1, cores // self.accelerator.num_processes))
         # The LR scheduler is stepped by us once per optimiser step (not prepared: accelerate would step it once per
         # process); a fixed slot registered once is checkpointed, whatever the stage's scheduler is.
         self._scheduler_slot = _SchedulerSlot()

@@ -36,7 +36,7 @@ def args(base_dir, output_dir, **overrides):
                          per_device_train_batch_size=16, per_device_eval_batch_size=32, dataloader_num_workers=0)
     prune = PruningArguments(method="pass", flops_ratio=0.5, search_epochs=1, finetune_epochs=1, pruner_batches=2,
                              latency_batch_sizes=[1, 4])
-    run = RunArguments(output_dir=str(output_dir), seed=7, cpu=True, max_steps_per_epoch=2)
+    run = RunArguments(output_dir=str(output_dir), seed=7, cpu=True, max_steps_per_epoch=2, torch_threads=1)
     groups = (model, data, prune, run)
     for key, value in overrides.items():
         setattr(next(g for g in groups if hasattr(g, key)), key, value)
