@@ -40,6 +40,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .methods import display_name
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -96,8 +98,6 @@ model = PromptedSparseModel.from_pretrained("{{ repo_id }}")
 {{ details }}
 """
 
-_DISPLAY_NAMES = {"vpns": "VPNs", "hydra": "HYDRA", "omp": "OMP", "random": "Random", "snip": "SNIP",
-                  "grasp": "GraSP", "synflow": "SynFlow", "dense": "Dense fine-tuned", "pass": "PASS"}
 # The built-in offline data sets and the Hub data sets they are copies of (for the card's `datasets:`).
 _HUB_DATASETS = {"fashion_mnist": "zalando-datasets/fashion_mnist", "mnist": "ylecun/mnist"}
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -261,7 +261,7 @@ def _card_values(config: Mapping, results: Mapping | None, repo_id: str | None, 
     sparsity_type = config.get("sparsity_type", "unstructured")
     structured = sparsity_type == "structured"
     method = str(results["method"]) if results.get("method") else None
-    method_name = _DISPLAY_NAMES.get(method, method) if method else None
+    method_name = display_name(method) if method else None
     base = config.get("base_model_name_or_path") or results.get("model")
     base_is_hub = _is_hub_id(base)
     base_config = config.get("base_config") or {}
@@ -627,7 +627,7 @@ def push_subnetwork(
         if commit_message is None:
             config = _read_json(output_dir / "config.json") or {}
             results = _read_json(output_dir / "results.json") or {}
-            method = _DISPLAY_NAMES.get(results.get("method"), results.get("method") or "prompt-sparsity")  # noqa
+            method = display_name(results.get("method")) or "prompt-sparsity"
             sp = results.get("sparsity", config.get("sparsity"))
             kind = config.get("sparsity_type", "unstructured")
             commit_message = f"Upload {method} subnetwork ({kind}" + (

@@ -25,15 +25,13 @@ from tqdm.auto import tqdm
 from .arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
 from .data import EpochShuffleSampler, load_image_dataset, make_dataloader
 from .label_mapping import frequency_label_mapping
-from .methods import Method, Prune, Stage, get_method
+from .methods import Method, Prune, Stage, display_name, get_method
 from .metrics import load_metric
 from .modeling import PromptedSparseModel
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-DISPLAY_NAMES = {"vpns": "VPNs", "hydra": "HYDRA", "omp": "OMP", "random": "Random", "snip": "SNIP",
-                 "grasp": "GraSP", "synflow": "SynFlow", "dense": "Dense fine-tuned"}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -571,15 +569,15 @@ def print_summary(results: dict[str, Any]) -> None:
     rows = []
     dense = results.get("dense_pretrained_flm")
     if dense:
-        rows.append(("dense pretrained + FLM (no training)", f"{dense['accuracy']:.2f}", "0.0%"))
+        rows.append(("dense pretrained + FLM (no training)", f"{dense['accuracy']:.2f}",
+                     "100% FLOPs" if results.get("flops_ratio") else "0.0%"))
     sp = f"{100 * results['sparsity']:.1f}%"
-    name = DISPLAY_NAMES.get(results["method"], results["method"])
+    if results.get("flops_ratio"):  # structured: the budget is FLOPs
+        sp = f"{100 * results['flops_ratio']:.1f}% FLOPs"
+    name = display_name(results["method"])
     if "test_accuracy_prompt" in test:
         rows.append((f"{name} with prompt", f"{test['test_accuracy_prompt']:.2f}", sp))
     rows.append((f"{name} without prompt", f"{test['test_accuracy_no_prompt']:.2f}", sp))
-    if results.get("flops_ratio"):
-        extra = f"{100 * results['flops_ratio']:.1f}% FLOPs"
-        rows = [(r[0], r[1], extra if r[2] != "0.0%" else "100% FLOPs") for r in rows]
     width = max(len(r[0]) for r in rows)
     lines = [f"\n{results['name']}  ({results['dataset']}, {results['samples']['test']} test images, "
              f"input {results['input_size']}px)",

@@ -262,7 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
         if segs and segs[-1] == "" and len(segs) > 1:
             segs = segs[:-1]
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        hub._log(method, "/" + "/".join(segs))
+        hub._log(method, "/" + "/".join(segs), self.headers.get("Range"))
         try:
             resp = hub._route(method, segs, query, self.headers, body)
         except _HttpError as e:
@@ -306,6 +306,7 @@ class LocalHub:
         self._requested_port = port
         self.port: int | None = None
         self.request_log: list[tuple[str, str]] = []
+        self.range_log: list[tuple[str, str, str | None]] = []  # (method, path, Range header or None)
         self.errors: list[str] = []
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lock = threading.RLock()
@@ -366,9 +367,10 @@ class LocalHub:
             self.stop()
 
     # ------------------------------------------------------------------ direct access for tests
-    def _log(self, method: str, path: str) -> None:
+    def _log(self, method: str, path: str, byte_range: str | None = None) -> None:
         with self._lock:
             self.request_log.append((method, path))
+            self.range_log.append((method, path, byte_range))
 
     def clear_log(self) -> None:
         with self._lock:

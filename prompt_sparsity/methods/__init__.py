@@ -36,6 +36,11 @@ class Method:
     sparse: bool = True
     structured: bool = False
     description: str = ""
+    display_name: str = ""  # how tables and model cards name it
+
+    def __post_init__(self):
+        if not self.display_name:
+            object.__setattr__(self, "display_name", self.name)
 
 
 METHODS: dict[str, Method] = {}
@@ -46,6 +51,11 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"a pruning method named {method.name!r} is already registered.")
     METHODS[method.name] = method
     return method
+
+
+def display_name(name: str | None) -> str:
+    """A method's name for tables and cards (the name itself for unknown methods, e.g. 'transfer')."""
+    return METHODS[name].display_name if name in METHODS else (name or "")
 
 
 def get_method(name: str) -> Method:
@@ -60,36 +70,37 @@ FINETUNE = Stage("finetune", "finetune_epochs")
 DENSE = Stage("dense", "dense_epochs")
 
 register_method(
-    Method("vpns", (SEARCH, FINETUNE), prompt_method="pad", steps="two",
+    Method("vpns", (SEARCH, FINETUNE), prompt_method="pad", steps="two", display_name="VPNs",
            description="Visual prompt + mask scores searched jointly, then weights + prompt tuned (VPNs).")
 )
 register_method(
-    Method("hydra", (SEARCH, FINETUNE), description="Score search then weight tuning, no prompt (HYDRA).")
+    Method("hydra", (SEARCH, FINETUNE), display_name="HYDRA", description="Score search then weight tuning, no prompt (HYDRA).")
 )
 register_method(
-    Method("omp", (DENSE, Prune("magnitude", rewind=True), FINETUNE),
+    Method("omp", (DENSE, Prune("magnitude", rewind=True), FINETUNE), display_name="OMP",
            description="Dense fine-tune, global magnitude mask, rewind to pretrained, fine-tune (OMP).")
 )
-register_method(Method("random", (Prune("random"), FINETUNE), threshold="layerwise",
+register_method(Method("random", (Prune("random"), FINETUNE), threshold="layerwise", display_name="Random",
                        description="Uniform per-layer random mask, then fine-tune."))
-register_method(Method("snip", (Prune("snip"), FINETUNE), description="SNIP |w*g| at the pretrained weights."))
-register_method(Method("grasp", (Prune("grasp"), FINETUNE), description="GraSP -w*Hg at the pretrained weights."))
-register_method(Method("synflow", (Prune("synflow"), FINETUNE), description="Iterative data-free SynFlow."))
-register_method(Method("dense", (DENSE,), sparse=False, description="Dense fine-tuning reference (no pruning)."))
+register_method(Method("snip", (Prune("snip"), FINETUNE), display_name="SNIP", description="SNIP |w*g| at the pretrained weights."))
+register_method(Method("grasp", (Prune("grasp"), FINETUNE), display_name="GraSP", description="GraSP -w*Hg at the pretrained weights."))
+register_method(Method("synflow", (Prune("synflow"), FINETUNE), display_name="SynFlow", description="Iterative data-free SynFlow."))
+register_method(Method("dense", (DENSE,), sparse=False, display_name="Dense fine-tuned", description="Dense fine-tuning reference (no pruning)."))
 
 # Structured (channel) methods: PASS and the channel baselines at equal FLOPs (PASS.md §3).
 STRUCTURE_SEARCH = Stage("structure_search", "search_epochs", steps="prompted")
 register_method(
     Method("pass", (STRUCTURE_SEARCH, Prune("hypernetwork"), FINETUNE), prompt_method="pad", steps="two",
+           display_name="PASS",
            structured=True,
            description="Prompt-conditioned LSTM hypernetwork emits channel masks under a FLOPs budget (PASS).")
 )
-for _criterion, _text in [
-    ("l1", "L1 norm of filters"),
-    ("taylor", "first-order Taylor |dL/dm| of channel masks"),
-    ("bn_scale", "BatchNorm scale |gamma| (network slimming)"),
-    ("random_channels", "random channels"),
-    ("depgraph", "DepGraph group-norm importance (torch-pruning)"),
+for _criterion, _display, _text in [
+    ("l1", "L1-norm", "L1 norm of filters"),
+    ("taylor", "Taylor", "first-order Taylor |dL/dm| of channel masks"),
+    ("bn_scale", "BN-scale", "BatchNorm scale |gamma| (network slimming)"),
+    ("random_channels", "Random channels", "random channels"),
+    ("depgraph", "DepGraph", "DepGraph group-norm importance (torch-pruning)"),
 ]:
-    register_method(Method(_criterion, (Prune(_criterion), FINETUNE), structured=True,
+    register_method(Method(_criterion, (Prune(_criterion), FINETUNE), structured=True, display_name=_display,
                            description=f"Channel pruning by {_text} at the FLOPs target, then fine-tune."))
