@@ -33,7 +33,7 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2"],
+        "dev": ["pytest>=8"],
         "bench": ["matplotlib>=3.8"],
     },
     license="MIT",

@@ -14,7 +14,6 @@ import os
 import re
 import tempfile
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch

@@ -3,13 +3,11 @@ a loadable subnetwork and results.json, exact resume, identical masks on 2 CPU p
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_model
+from tiny_models import launch_two_cpu_processes, tiny_model
 
 from prompt_sparsity import PromptedSparseModel
 from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
@@ -107,19 +105,7 @@ def test_unknown_method_is_refused(base_dir, tmp_path):
 
 def test_recipe_cli_two_processes_same_mask(base_dir, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): every rank ends with the same mask."""
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        os.path.join(ROOT, "recipes", "vpns.py"),
-        "--model_name_or_path", base_dir, "--dataset_name", "digits", "--input_size", "16", "--pad_size", "2",
-        "--max_train_samples", "64", "--max_eval_samples", "32", "--per_device_train_batch_size", "8",
-        "--dataloader_num_workers", "0", "--search_epochs", "1", "--finetune_epochs", "1",
-        "--max_steps_per_epoch", "2", "--sparsity", "0.8", "--cpu", "--output_dir", str(out),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.load(open(out / "results.json"))
+    proc, results = launch_two_cpu_processes("vpns.py", base_dir, tmp_path / "ddp", "--input_size", "16",
+                                             "--pad_size", "2", "--sparsity", "0.8")
     assert results["world_size"] == 2 and results["masks_identical_across_ranks"] is True
     assert "VPNs with prompt" in proc.stdout

@@ -54,3 +54,27 @@ def tiny_model(arch: str, num_labels: int = 10, seed: int = 0):
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def launch_two_cpu_processes(recipe: str, base_dir: str, output_dir, *extra: str):
+    """`accelerate launch --multi_gpu --num_processes 2` of a recipe on CPU (gloo) with tiny data; returns the
+    finished process (asserts it succeeded) and the run's results.json."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        os.path.join(root, "recipes", recipe), "--model_name_or_path", base_dir, "--dataset_name", "digits",
+        "--max_train_samples", "64", "--max_eval_samples", "32", "--per_device_train_batch_size", "8",
+        "--dataloader_num_workers", "0", "--search_epochs", "1", "--finetune_epochs", "1",
+        "--max_steps_per_epoch", "2", "--cpu", "--output_dir", str(output_dir), *extra,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(output_dir, "results.json")) as f:
+        return proc, json.load(f)
