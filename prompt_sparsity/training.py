@@ -438,17 +438,14 @@ class PruningRun:
         if resume:
             with open(os.path.join(resume, STATE_FILE)) as f:
                 self.state = json.load(f)
-        first_training_stage = next(i for i, s in enumerate(self.method.plan) if isinstance(s, Stage))
+        if "dense_pretrained" not in self.state:  # before any pruning step touches the model
+            self.state["dense_pretrained"] = self.dense_reference() if self.model_args.head == "pretrained" else None
         for idx, step in enumerate(self.method.plan):
             if resume and idx < self.state["stage"]:
                 continue
             if isinstance(step, Prune):
                 self.prune(step)
                 continue
-            if idx == first_training_stage and "dense_pretrained" not in self.state:
-                self.state["dense_pretrained"] = (
-                    self.dense_reference() if self.model_args.head == "pretrained" else None
-                )
             self.label_mapping()  # once, before the first training stage; restored from the state on resume
             resume_here = resume if (resume and idx == self.state["stage"]) else None
             self.train_stage(idx, step, resume_here)
