@@ -106,6 +106,7 @@ class ThresholdFinder:
     def __init__(self, band: float = 1e-3):
         self.rel_band = band
         self.tau = None
+        self.num_at_or_below = None  # count of |scores| <= tau, when the fast path knows it for free
         self._abs = None
         self._below = None
         self._inband = None
@@ -129,7 +130,7 @@ class ThresholdFinder:
                 width = max(abs(self.tau) * self.rel_band, 1e-12)
                 lo, hi = self.tau - width, self.tau + width
                 torch.lt(a, lo, out=below)
-                n_below = int(below.sum())
+                n_below = int(torch.count_nonzero(below))  # ~10x faster than bool.sum() (no int64 upcast)
                 if n_below < k:
                     torch.le(a, hi, out=inband)
                     inband.logical_xor_(below)  # below is a subset of (a <= hi): xor leaves lo <= a <= hi
@@ -137,6 +138,7 @@ class ThresholdFinder:
                     if n_below + band.numel() >= k:
                         tau = torch.kthvalue(band, k - n_below).values
                         self.tau = float(tau)
+                        self.num_at_or_below = n_below + int(torch.count_nonzero(band <= tau))
                         self.stats["fast"] += 1
                         # Keep the band small but not so narrow that it misses next time.
                         if band.numel() > 64 * max(1, a.numel() // 10_000):
@@ -145,6 +147,7 @@ class ThresholdFinder:
                 self.rel_band *= 8
         tau = torch.kthvalue(a, k).values
         self.tau = float(tau)
+        self.num_at_or_below = None  # unknown: the caller counts
         self.stats["full"] += 1
         return tau, a
 
@@ -174,9 +177,10 @@ def _mask_slice_(scores, mask, k, finder):
         mask.fill_(1)
         return
     tau, a = finder.kth_smallest_abs(scores, k)
-    keep = torch.gt(a, tau, out=finder._below)  # reuse the finder's buffer: no per-step allocation
-    mask.copy_(keep)
-    n_pruned = keep.numel() - int(keep.sum())
+    torch.gt(a, tau, out=mask)  # written straight into the float mask: no temporary
+    n_pruned = finder.num_at_or_below
+    if n_pruned is None:
+        n_pruned = mask.numel() - int(torch.count_nonzero(mask))
     if n_pruned > k:  # ties at tau: keep the last (n_pruned - k) of them
         tied = torch.nonzero(a == tau).flatten()
         mask[tied[tied.numel() - (n_pruned - k) :]] = 1
