@@ -1,0 +1,423 @@
+"""Shared pieces of the benchmark scripts: command line, machine/threads/versions header, the fixed data set, runs
+at equal budgets in passes over the data, mean +- std aggregation, atomic result files, markdown tables and plots.
+
+Every script writes `<output-dir>/<name>.json` (all numbers plus the environment), `<name>.png` and `<name>.md`
+(the tables, each with the machine, threads, image size, epochs and seeds beside it) and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Everything the benchmarks need is offline (built-in model and data); never wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from prompt_sparsity.training import write_json_atomic  # noqa: E402
+
+# One colour per method across every plot; the prompt methods (VPNs, PASS) in red, no baseline shares it.
+COLOURS = {"vpns": "C3", "pass": "C3", "hydra": "C0", "omp": "C1", "random": "C2", "snip": "C4", "synflow": "C5",
+           "grasp": "C6", "l1": "C0", "taylor": "C1", "bn_scale": "C2", "random_channels": "C4", "depgraph": "C5",
+           "dense": "k"}
+DISPLAY = {"vpns": "VPNs", "hydra": "HYDRA", "omp": "OMP", "random": "Random", "snip": "SNIP", "grasp": "GraSP",
+           "synflow": "SynFlow", "dense": "Dense fine-tuned", "pass": "PASS", "l1": "L1-norm", "taylor": "Taylor",
+           "bn_scale": "BN-scale", "random_channels": "Random channels", "depgraph": "DepGraph"}
+
+
+# --------------------------------------------------------------------------------------------- command line
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The options every script shares: --quick, --output-dir, --work-dir, --threads, --fresh."""
+    p = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=(doc or "").strip().split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small smoke-size run (<= 5 min on 2 CPU cores)")
+    p.add_argument("--output-dir", default=None,
+                   help="where <name>.json/.png/.md go (default: benchmarks/results, or benchmarks/results/quick "
+                        "with --quick)")
+    p.add_argument("--work-dir", default=None,
+                   help=f"run folders and the fixed data set (default: outputs/benchmarks/{name}[-quick]; finished "
+                        "runs found there with the same settings are reused)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished runs in --work-dir and run again")
+    return p
+
+
+def setup(args, name: str) -> tuple[Path, Path]:
+    """Threads, and the output and work folders (created)."""
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir) if args.output_dir else BENCH_DIR / "results" / ("quick" if args.quick else "")
+    default_work = ROOT / "outputs" / "benchmarks" / (name + ("-quick" if args.quick else ""))
+    work = Path(args.work_dir) if args.work_dir else default_work
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return out, work
+
+
+# --------------------------------------------------------------------------------------------- environment
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+        return getattr(mod, "__version__", "?")
+    except Exception:  # noqa: BLE001 - an optional package
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def environment(args) -> dict[str, Any]:
+    """What the numbers were measured on: machine, cores, threads, device, versions, commit, command."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_model(),
+        "cores_available": cores,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",  # every benchmark here runs on the CPU (latency is a CPU measurement by design)
+        "gpu_present": gpu,
+        "load_average_at_start": [round(x, 2) for x in load] if load else None,
+        "python": platform.python_version(),
+        "versions": {m: _version(m) for m in ("torch", "torchvision", "transformers", "timm", "accelerate",
+                                                "datasets", "torch_pruning", "safetensors")},
+        "git_commit": _git_commit(),
+        "mode": "quick" if args.quick else "full",
+        "command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:]),
+    }
+
+
+def machine_line(env: dict[str, Any]) -> str:
+    """One line: CPU, cores, threads, device, torch version, mode."""
+    return (f"{env['cpu']}, {env['cores_available']} cores available, {env['torch_threads']} torch threads, "
+            f"{env['device'].upper()} (torch {env['versions']['torch']}), {env['mode']} mode, "
+            f"load average at start {env['load_average_at_start']}, commit {env['git_commit']}, {env['date_utc']}")
+
+
+def settings_block(env: dict[str, Any], **settings) -> str:
+    """The line printed beside every table: machine + the settings that produced it."""
+    parts = [f"**Machine:** {machine_line(env)}."]
+    parts += [f"**{k.replace('_', ' ').capitalize()}:** {v}." for k, v in settings.items() if v is not None]
+    return "  \n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- numbers
+def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n-1; 0 for one value) of the values that are not None."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": statistics.fmean(vals), "std": std, "n": len(vals), "values": vals}
+
+
+def fmt_ms(agg: dict[str, Any] | None, digits: int = 2, scale: float = 1.0) -> str:
+    """'85.12 ± 0.34' (the ± only when there are several values), '–' when there is none."""
+    if not agg or agg.get("mean") is None:
+        return "–"
+    m = agg["mean"] * scale
+    if agg["n"] > 1:
+        return f"{m:.{digits}f} ± {agg['std'] * scale:.{digits}f}"
+    return f"{m:.{digits}f}"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median and min wall time (ms) of `fn()` over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeats": repeats}
+
+
+# --------------------------------------------------------------------------------------------- tables, files
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub markdown table; `align` is one letter per column (l/r/c), default: first left, rest right."""
+    align = align or ("l" + "r" * (len(headers) - 1))
+    marks = {"l": ":---", "r": "---:", "c": ":---:"}
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |",
+             "|" + "|".join(marks[a] for a in align) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join("–" if c is None else str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file ordinary permissions (mkstemp makes it 0600) and rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    _publish(tmp, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    _publish(tmp, path)
+
+
+def figure(ncols: int = 1, width: float = 6.0, height: float = 4.2):
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def finish(name: str, out_dir: Path, results: dict[str, Any], markdown: str, fig, started: float) -> None:
+    """Write <name>.json (with the script's wall time), <name>.png and <name>.md; print the markdown."""
+    wall = time.perf_counter() - started
+    results["script_wall_time_s"] = round(wall, 1)
+    if hasattr(os, "getloadavg"):
+        results["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    mode = results["environment"]["mode"]
+    markdown = (markdown.rstrip() + f"\n\nScript wall time: {wall / 60:.1f} min ({mode} mode; "
+                f"load average at the end {results['environment'].get('load_average_at_end')}: above the number of "
+                "cores means other processes shared the CPU and every time here is inflated).\n")
+    write_json_atomic(str(out_dir / f"{name}.json"), results)
+    save_figure(fig, out_dir / f"{name}.png")
+    write_text_atomic(out_dir / f"{name}.md", markdown)
+    print("\n" + markdown, flush=True)
+    print(f"wrote {out_dir / name}.json, .png, .md", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+def fixed_dataset(work_dir: Path, *, train: int, validation: int, test: int | None, seed: int = 0) -> str:
+    """A fixed Fashion-MNIST subset saved to disk once (class-balanced train subset, validation held out of the
+    official train split, `test` images of the official test split or all 10,000 with None), so that every method
+    and every seed sees exactly the same images: the run seed then only changes initialisation, shuffling and
+    augmentation. Returns the folder, to be passed as `dataset_name`."""
+    from prompt_sparsity.data import load_image_dataset
+
+    tag = f"fashion_mnist-train{train}-val{validation}-test{test or 'all'}-seed{seed}"
+    path = work_dir.parent / "data" / tag
+    if not (path / "dataset_dict.json").is_file():
+        import datasets
+
+        data = load_image_dataset("fashion_mnist", seed=seed, validation_fraction=0.1, max_train_samples=train,
+                                  max_eval_samples=None)
+
+        def subset(split, n):  # class-balanced, seeded
+            if n is None or n >= len(split):
+                return split
+            return split.train_test_split(test_size=n, stratify_by_column="label", seed=seed)["test"]
+
+        val, test_split = subset(data.validation, validation), subset(data.test, test)
+        tmp = path.with_name(path.name + ".tmp")
+        datasets.DatasetDict({"train": data.train, "validation": val, "test": test_split}).save_to_disk(str(tmp))
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------- runs
+def stage_passes(method_name: str, steps: str | None = None) -> list[tuple[str, int]]:
+    """[(epochs field, passes over the training set per epoch)] for each training stage of a method: a two-step
+    (prompted + augmented) epoch is two passes (VPNS.md §7)."""
+    from prompt_sparsity.methods import Stage, get_method
+
+    method = get_method(method_name)
+    out = []
+    for stage in method.plan:
+        if isinstance(stage, Stage):
+            s = stage.steps or steps or method.steps
+            out.append((stage.epochs_field, 2 if s == "two" else 1))
+    return out
+
+
+def equal_budget_epochs(method_name: str, passes: int) -> dict[str, int]:
+    """Epochs per stage so that the method makes `passes` passes over the training data in all, split equally
+    between its stages (VPNs 30 + 30 two-pass epochs = HYDRA 60 + 60 = 120 passes; OMP dense + fine-tune; one-shot
+    pruners put everything into fine-tuning)."""
+    stages = stage_passes(method_name)
+    share = passes / len(stages)
+    epochs = {}
+    for field, per_epoch in stages:
+        e = share / per_epoch
+        if e != int(e) or e < 1:
+            raise ValueError(f"{method_name}: {passes} passes do not split into whole epochs over its stages "
+                             f"{stages}; use a multiple of {2 * len(stages) * max(p for _, p in stages)}.")
+        epochs[field] = int(e)
+    return epochs
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_once(output_dir: Path, model_args, data_args, prune_args, run_args, *, fresh: bool = False,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`run_pruning` into `output_dir`, or the results already there when they were made with the same arguments.
+    A failure is recorded as {"error": ...} instead of ending the benchmark."""
+    from prompt_sparsity.training import run_pruning
+
+    run_args = dataclasses.replace(run_args, output_dir=str(output_dir))
+    wanted = {}
+    for group in (model_args, data_args, prune_args, run_args):
+        wanted.update(dataclasses.asdict(group))
+    wanted = _jsonable(wanted)
+    path = output_dir / "results.json"
+    if not fresh and path.is_file():
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("args") == wanted:
+            log(f"  reusing {path}")
+            old["reused"] = True
+            return old
+    t0 = time.perf_counter()
+    try:
+        results = run_pruning(model_args, data_args, prune_args, run_args)
+    except Exception as exc:  # noqa: BLE001 - one failing method must not hide the others
+        traceback.print_exc()
+        log(f"  FAILED after {time.perf_counter() - t0:.0f} s: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}", "method": prune_args.method}
+    log(f"  done in {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+def test_accuracy(results: dict[str, Any], prompt: bool) -> float | None:
+    test = (results.get("accuracy") or {}).get("test") or {}
+    return test.get("test_accuracy_prompt" if prompt else "test_accuracy_no_prompt")
+
+
+def val_accuracy(results: dict[str, Any], prompt: bool) -> float | None:
+    val = (results.get("accuracy") or {}).get("validation") or {}
+    return val.get("validation_accuracy_prompt" if prompt else "validation_accuracy_no_prompt")
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def accuracy_run_args(*, dataset: str, input_size: int, batch_size: int, method: str, seed: int, passes: int,
+                      threads: int, workers: int = 1, **prune_kwargs):
+    """The four argument groups of one accuracy run: library defaults (lr, optimisers, prompt, FLM head) except
+    the data (the fixed on-disk subset, used whole), the image size, the equal pass budget and no checkpoints."""
+    from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
+
+    model = ModelArguments(model_name_or_path="efficientnet-lite0", input_size=input_size)
+    data = DataArguments(dataset_name=dataset, max_train_samples=None, max_eval_samples=None,
+                         per_device_train_batch_size=batch_size, per_device_eval_batch_size=128,
+                         dataloader_num_workers=workers)
+    prune = PruningArguments(method=method, **equal_budget_epochs(method, passes), **prune_kwargs)
+    run = RunArguments(seed=seed, checkpointing=False, torch_threads=threads, cpu=True)
+    return model, data, prune, run
+
+
+def run_grid(jobs: Sequence[dict[str, Any]], work_dir: Path, make_args: Callable[..., tuple], *,
+             fresh: bool = False) -> list[dict[str, Any]]:
+    """Run every job ({"method", "level", "seed", ...}) one after the other in this process; each job's results
+    dict gets the job's keys under "job" and its run folder under "run_dir"."""
+    out = []
+    t0 = time.perf_counter()
+    for i, job in enumerate(jobs):
+        folder = work_dir / "runs" / "-".join(f"{v}" for v in job.values()).replace(".", "p")
+        progress(f"run {i + 1}/{len(jobs)}: {job}  (elapsed {(time.perf_counter() - t0) / 60:.1f} min)")
+        results = run_once(folder, *make_args(**job), fresh=fresh, log=progress)
+        results["job"] = dict(job)
+        results["run_dir"] = str(folder)
+        out.append(results)
+    return out
+
+
+def compact_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a run's results.json that the benchmark JSON keeps (not the per-layer details)."""
+    keep = ("name", "method", "sparsity_target", "sparsity", "pruned_weights", "prunable_weights", "accuracy",
+            "dense_pretrained_flm", "epochs", "history", "timings_s", "wall_time_s", "train_images_per_s", "samples",
+            "input_size", "prompt_method", "steps", "torch_threads", "device", "seed", "flops", "dense_flops",
+            "flops_ratio", "flops_target", "params", "dense_params", "channel_widths", "latency", "error", "job",
+            "run_dir", "latency_224", "reused")
+    return {k: results[k] for k in keep if k in results}
+
+
+def epochs_text(methods: Sequence[str], passes: int) -> str:
+    """'VPNs search 2 + finetune 2; HYDRA search 4 + finetune 4; ...' for the settings line."""
+    parts = []
+    for m in methods:
+        stages = " + ".join(f"{field.split('_')[0]} {e}" for field, e in equal_budget_epochs(m, passes).items())
+        parts.append(f"{DISPLAY.get(m, m)} {stages}")
+    return "; ".join(parts)
+
+
+def reuse_note(runs: Sequence[dict[str, Any]]) -> str:
+    """A sentence for the markdown when some runs came from an earlier invocation (their times are theirs)."""
+    n = sum(1 for r in runs if r.get("reused"))
+    if not n:
+        return f"All {len(runs)} runs were made by this invocation."
+    return (f"{n} of {len(runs)} runs were reused from an earlier invocation with the same settings (their wall times "
+            "are from that invocation; the script wall time below does not include them).")

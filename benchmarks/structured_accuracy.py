@@ -1,0 +1,303 @@
+"""Structured accuracy and speed: PASS against L1-norm, Taylor, BN-scale, random channels and DepGraph at equal FLOPs.
+
+The offline ImageNet-pretrained EfficientNet-Lite0 (pretrained head + FLM) on the same fixed Fashion-MNIST subset
+as the unstructured benchmark; each method removes channels (global selection under the FLOPs budget, then
+physical compaction) down to each target fraction of the dense FLOPs and fine-tunes the compact model. Equal
+budgets in passes over the training data: PASS splits them between its search (one prompted pass per epoch) and
+its two-step fine-tuning (two passes per epoch); the one-shot baselines put them all into fine-tuning. A dense
+fine-tuned reference gets the same passes.
+
+Reported per method and FLOPs target: test accuracy (mean +- std over seeds; PASS with and without its prompt),
+achieved FLOPs (FlopCounterMode, 2 x MACs, at the training size) and parameters of the compact model, and CPU
+latency of the compact vs the dense model (median of 15 interleaved repeats after 3 warm-ups, batch 1 and 64 at
+the training size, plus batch 1 at 224 px) with the measured speed-up beside its physical limit, dense FLOPs /
+pruned FLOPs.
+
+    python benchmarks/structured_accuracy.py --quick     # ~2.5 min on 2 CPU cores: 50% FLOPs, 1 seed, tiny data
+    python benchmarks/structured_accuracy.py             # full mode, ~45 min on 2 CPU cores (estimated)
+
+Writes structured_accuracy.json/.png/.md to benchmarks/results[/quick]; run folders (reused when rerun with the
+same settings) under outputs/benchmarks/structured_accuracy[-quick]/.
+"""
+
+from __future__ import annotations
+
+import time
+
+import common
+from common import DISPLAY, fmt_ms, human_count, markdown_table, mean_std
+
+NAME = "structured_accuracy"
+BASELINES = ("l1", "taylor", "bn_scale", "random_channels", "depgraph")
+
+FULL = dict(train=640, validation=500, test=2000, input_size=48, batch_size=64, passes=8,
+            seeds=(7, 9), flops=(0.5, 0.3), methods=("pass",) + BASELINES, latency_size=224)
+QUICK = dict(train=128, validation=128, test=256, input_size=48, batch_size=64, passes=4,
+             seeds=(7,), flops=(0.5,), methods=("pass",) + BASELINES, latency_size=224)
+
+
+def latency_at(run_dir: str, size: int, threads: int) -> dict:
+    """Batch-1 latency of the saved compact model vs the dense Lite0 at `size` px, and both FLOPs there."""
+    from prompt_sparsity import PromptedSparseModel
+    from prompt_sparsity.latency import compare_latency
+    from prompt_sparsity.sparsity.flops import measure_flops
+
+    compact = PromptedSparseModel.from_pretrained(run_dir).model
+    dense = PromptedSparseModel.from_base("efficientnet-lite0", sparsity_type="none").model
+    out = compare_latency({"dense": dense, "compact": compact}, size, (1,), threads=threads)
+    out["flops"] = {"dense": measure_flops(dense, size), "compact": measure_flops(compact, size)}
+    out["physical_limit"] = out["flops"]["dense"] / out["flops"]["compact"]
+    out["size"] = size
+    return out
+
+
+def main(argv=None) -> int:
+    p = common.parser(NAME, __doc__)
+    p.add_argument("--methods", nargs="+", default=None, help=f"subset of pass {' '.join(BASELINES)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--flops", nargs="+", type=float, default=None, help="FLOPs targets as fractions of dense")
+    p.add_argument("--passes", type=int, default=None, help="passes over the training data per method (mult. of 4)")
+    p.add_argument("--train-samples", type=int, default=None)
+    p.add_argument("--test-samples", type=int, default=None, help="0 = the full 10,000-image test set")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
+    args = p.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    for key in ("methods", "seeds", "flops", "passes"):
+        if getattr(args, key) is not None:
+            cfg[key] = tuple(getattr(args, key)) if key != "passes" else getattr(args, key)
+    if args.train_samples:
+        cfg["train"] = args.train_samples
+    if args.test_samples is not None:
+        cfg["test"] = args.test_samples or None
+    started = time.perf_counter()
+    out_dir, work_dir = common.setup(args, NAME)
+    env = common.environment(args)
+
+    # the same fixed subset as the unstructured benchmark (one copy under outputs/benchmarks/data/)
+    dataset = common.fixed_dataset(work_dir, train=cfg["train"], validation=cfg["validation"], test=cfg["test"])
+    jobs = [{"method": m, "level": f, "seed": seed}
+            for f in cfg["flops"] for m in cfg["methods"] for seed in cfg["seeds"]]
+    if not args.no_dense:
+        jobs += [{"method": "dense", "level": 1.0, "seed": seed} for seed in cfg["seeds"]]
+
+    def make_args(method, level, seed):
+        return common.accuracy_run_args(dataset=dataset, input_size=cfg["input_size"], batch_size=cfg["batch_size"],
+                                        method=method, seed=seed, passes=cfg["passes"], threads=args.threads,
+                                        flops_ratio=level if method != "dense" else 0.5)
+
+    runs = common.run_grid(jobs, work_dir, make_args, fresh=args.fresh)
+    for r in runs:
+        if "error" not in r and r.get("latency") and cfg["latency_size"]:
+            common.progress(f"latency at {cfg['latency_size']} px: {r['run_dir']}")
+            try:
+                r["latency_224"] = latency_at(r["run_dir"], cfg["latency_size"], args.threads)
+            except Exception as exc:  # noqa: BLE001
+                r["latency_224"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    # ------------------------------------------------------------------ aggregate
+    def lat(r, batch, key="speedup"):
+        entry = ((r.get("latency") or {}).get(f"batch_{batch}") or {})
+        if key == "speedup":
+            return entry.get("speedup")
+        return (entry.get(key) or {}).get("median_ms")
+
+    rows = []
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["job"]["method"], r["job"]["level"]), []).append(r)
+    for (method, level), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        l224 = [r.get("latency_224") or {} for r in ok]
+        rows.append({
+            "method": method, "flops_target": level,
+            "flops_ratio": mean_std(r.get("flops_ratio") for r in ok),
+            "flops": mean_std(r.get("flops") for r in ok),
+            "dense_flops": mean_std(r.get("dense_flops") for r in ok),
+            "params": mean_std(r.get("params") for r in ok),
+            "dense_params": mean_std(r.get("dense_params") for r in ok),
+            "test_no_prompt": mean_std(common.test_accuracy(r, False) for r in ok),
+            "test_prompt": mean_std(common.test_accuracy(r, True) for r in ok),
+            "physical_limit": mean_std((r["dense_flops"] / r["flops"]) if r.get("flops") else None for r in ok),
+            "speedup_b1": mean_std(lat(r, 1) for r in ok),
+            "speedup_b64": mean_std(lat(r, 64) for r in ok),
+            "dense_ms_b1": mean_std(lat(r, 1, "dense") for r in ok),
+            "compact_ms_b1": mean_std(lat(r, 1, "compact") for r in ok),
+            "dense_ms_b64": mean_std(lat(r, 64, "dense") for r in ok),
+            "compact_ms_b64": mean_std(lat(r, 64, "compact") for r in ok),
+            "speedup_224_b1": mean_std((x.get("batch_1") or {}).get("speedup") for x in l224),
+            "physical_limit_224": mean_std(x.get("physical_limit") for x in l224),
+            "wall_time_s": mean_std(r.get("wall_time_s") for r in ok),
+            "epochs": ok[0]["epochs"] if ok else None,
+            "seeds": [r["job"]["seed"] for r in ok],
+            "errors": [r["error"] for r in rs if "error" in r],
+        })
+
+    def headline(row):
+        return row["test_prompt"] if row["test_prompt"]["mean"] is not None else row["test_no_prompt"]
+
+    # ------------------------------------------------------------------ tables
+    some = next((r for r in runs if "error" not in r and r.get("latency")), {})
+    samples = some.get("samples", {})
+    threads = (some.get("latency") or {}).get("threads", args.threads)
+    settings = common.settings_block(
+        env,
+        model="EfficientNet-Lite0 (offline ImageNet weights), pretrained head + FLM; prunable units = the expanded "
+              "channels of every inverted-residual block; global channel selection under the FLOPs budget, "
+              "physical compaction",
+        data=f"Fashion-MNIST fixed subset: {samples.get('train')} train / {samples.get('validation')} validation / "
+             f"{samples.get('test')} test images, the same for every method and seed",
+        image_size=f"{cfg['input_size']} px for training, FLOPs and the batch-1/64 latency; batch-1 latency also at "
+                   f"{cfg['latency_size']} px; training batch {cfg['batch_size']}",
+        budget=f"{cfg['passes']} passes over the training data per method; epochs: "
+               + common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]), cfg["passes"]),
+        latency=f"CPU, {threads} threads, median of 15 repeats after 3 warm-ups, dense and compact interleaved in one "
+                "process; forward of the backbone only (no prompt)",
+        seeds=", ".join(map(str, cfg["seeds"])) + " (mean ± sample std over seeds)",
+    )
+    acc_headers = ["method", "FLOPs target", "FLOPs achieved", "params", "test acc % (no prompt)",
+                   "test acc % (prompt)", "wall time / run (s)"]
+    speed_headers = ["method", "FLOPs target", "physical limit (dense/pruned FLOPs)", "speed-up b1",
+                     "speed-up b64", f"speed-up b1 @ {cfg['latency_size']} px (limit)", "dense / compact ms b1",
+                     "dense / compact ms b64"]
+    order = {m: i for i, m in enumerate(list(cfg["methods"]) + ["dense"])}
+    acc_rows, speed_rows = [], []
+    for row in sorted(rows, key=lambda r: (-r["flops_target"], order[r["method"]])):
+        name = DISPLAY.get(row["method"], row["method"])
+        if row["errors"]:
+            name += " (failed: " + row["errors"][0][:60] + ")"
+        if row["method"] == "dense":
+            dense_flops = next((x["dense_flops"]["mean"] for x in rows if x["dense_flops"]["mean"]), None)
+            dense_params = next((x["dense_params"]["mean"] for x in rows if x["dense_params"]["mean"]), None)
+            acc_rows.append([name, "100%", f"100% ({human_count(dense_flops)})", human_count(dense_params),
+                             fmt_ms(row["test_no_prompt"]), "–", fmt_ms(row["wall_time_s"], 0)])
+            continue
+        acc_rows.append([
+            name, f"{100 * row['flops_target']:.0f}%",
+            f"{fmt_ms(row['flops_ratio'], 1, 100)}% ({human_count(row['flops']['mean'])})",
+            human_count(row["params"]["mean"]), fmt_ms(row["test_no_prompt"]), fmt_ms(row["test_prompt"]),
+            fmt_ms(row["wall_time_s"], 0),
+        ])
+        speed_rows.append([
+            name, f"{100 * row['flops_target']:.0f}%", fmt_ms(row["physical_limit"]) + "×",
+            fmt_ms(row["speedup_b1"]) + "×", fmt_ms(row["speedup_b64"]) + "×",
+            f"{fmt_ms(row['speedup_224_b1'])}× ({fmt_ms(row['physical_limit_224'])}×)",
+            f"{fmt_ms(row['dense_ms_b1'], 1)} / {fmt_ms(row['compact_ms_b1'], 1)}",
+            f"{fmt_ms(row['dense_ms_b64'], 1)} / {fmt_ms(row['compact_ms_b64'], 1)}",
+        ])
+
+    # ------------------------------------------------------------------ findings
+    findings = []
+    for level in cfg["flops"]:
+        at = [r for r in rows
+              if r["flops_target"] == level and r["method"] != "dense" and headline(r)["mean"] is not None]
+        if not at:
+            continue
+        ranked = sorted(at, key=lambda r: -headline(r)["mean"])
+        best = ranked[0]
+        line = f"At {100 * level:.0f}% FLOPs the most accurate is {DISPLAY[best['method']]} ({fmt_ms(headline(best))}%)"
+        ps = next((r for r in at if r["method"] == "pass"), None)
+        if ps is not None:
+            others = [r for r in ranked if r["method"] != "pass"]
+            line += (f"; PASS is {ranked.index(ps) + 1} of {len(ranked)} with {fmt_ms(ps['test_prompt'])}% with its "
+                     f"prompt ({fmt_ms(ps['test_no_prompt'])}% without)")
+            if others:
+                o = others[0]
+                diff = headline(ps)["mean"] - headline(o)["mean"]
+                spread = max(headline(ps)["std"] or 0, headline(o)["std"] or 0)
+                verdict = "within the seed spread" if abs(diff) <= spread else ("ahead" if diff > 0 else "behind")
+                line += (f"; vs the best baseline {DISPLAY[o['method']]}: {diff:+.2f} points ({verdict}; largest seed "
+                         f"std {spread:.2f})")
+        sp = [r["speedup_b1"]["mean"] / r["physical_limit"]["mean"] for r in at
+              if r["speedup_b1"]["mean"] and r["physical_limit"]["mean"]]
+        sp64 = [r["speedup_b64"]["mean"] / r["physical_limit"]["mean"] for r in at
+                if r["speedup_b64"]["mean"] and r["physical_limit"]["mean"]]
+        sp224 = [r["speedup_224_b1"]["mean"] / r["physical_limit_224"]["mean"] for r in at
+                 if r["speedup_224_b1"]["mean"] and r["physical_limit_224"]["mean"]]
+        if sp and sp64:
+            line += (f". Measured speed-ups reach {100 * min(sp):.0f}–{100 * max(sp):.0f}% of the FLOPs limit at "
+                     f"batch 1 and {100 * min(sp64):.0f}–{100 * max(sp64):.0f}% at batch 64 ({cfg['input_size']} px)")
+            if sp224:
+                line += (f", {100 * min(sp224):.0f}–{100 * max(sp224):.0f}% at batch 1 and {cfg['latency_size']} px")
+        findings.append(line + ".")
+    dense_row = next((r for r in rows if r["method"] == "dense"), None)
+    if dense_row and dense_row["test_no_prompt"]["mean"] is not None:
+        findings.append(f"Dense fine-tuned reference at the same budget: {fmt_ms(dense_row['test_no_prompt'])}%.")
+    findings.append("Equal FLOPs is the budget, not equal speed: methods that keep the same FLOPs in different layers "
+                    "run at different speeds (depthwise and early high-resolution layers cost more time per FLOP on "
+                    "CPU). Speed-ups stay below the FLOPs ratio where time goes to what removing channels does not "
+                    "shrink: per-layer overheads (most visible at batch 1 and small inputs), memory-bound depthwise "
+                    "convolutions, the stem and the head.")
+
+    md = [f"# Structured accuracy and speed at equal FLOPs ({env['mode']} mode)", "", settings, "",
+          "## Accuracy, FLOPs and parameters", "", markdown_table(acc_headers, acc_rows), "",
+          "## Measured CPU speed-up of the compact models vs the physical limit", "",
+          markdown_table(speed_headers, speed_rows), "", "## Findings", ""]
+    md += [f"- {f}" for f in findings] + ["", common.reuse_note(runs)]
+    markdown = "\n".join(md) + "\n"
+
+    # ------------------------------------------------------------------ plot
+    fig, (ax, bx) = common.figure(2, width=6.2, height=4.6)
+    markers = dict(zip(list(cfg["methods"]), "o^sDvP*X"))
+    for m in cfg["methods"]:
+        for prompt in ((True, False) if m == "pass" else (False,)):
+            key = "test_prompt" if prompt else "test_no_prompt"
+            pts = sorted([(100 * r["flops_ratio"]["mean"], r[key]) for r in rows
+                          if r["method"] == m and r[key]["mean"] is not None and r["flops_ratio"]["mean"]],
+                         key=lambda t: t[0])
+            if not pts:
+                continue
+            label = DISPLAY[m] + ((" + prompt" if prompt else " (no prompt)") if m == "pass" else "")
+            ax.errorbar([x for x, _ in pts], [a["mean"] for _, a in pts], yerr=[a["std"] for _, a in pts],
+                        marker=markers[m], capsize=3, lw=2.2 if m == "pass" else 1.2,
+                        ls="-" if prompt or m != "pass" else "--", color=common.COLOURS.get(m), label=label)
+    if dense_row and dense_row["test_no_prompt"]["mean"] is not None:
+        d = dense_row["test_no_prompt"]
+        ax.errorbar([100], [d["mean"]], yerr=[d["std"]], marker="*", ms=12, color="k", capsize=3, ls="none",
+                    label="dense fine-tuned")
+    ax.set_xlabel("FLOPs of the compact model (% of dense)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Accuracy at equal FLOPs ({cfg['input_size']} px, {cfg['passes']} passes)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    top = 1.0
+    for r in rows:
+        if r["method"] == "dense" or not r["physical_limit"]["mean"]:
+            continue
+        lim = r["physical_limit"]["mean"]
+        top = max(top, lim)
+        for key, fill, lab in (("speedup_b1", "none", "b1"), ("speedup_b64", None, "b64"),
+                               ("speedup_224_b1", None, f"b1@{cfg['latency_size']}")):
+            v = r[key]["mean"]
+            if v is None:
+                continue
+            x = r["physical_limit_224"]["mean"] if key == "speedup_224_b1" else lim
+            kw = {"mfc": "none"} if fill == "none" else {}
+            color = {"speedup_b1": "C0", "speedup_b64": "C1", "speedup_224_b1": "C2"}[key]
+            bx.errorbar([x], [v], yerr=[r[key]["std"]], marker=markers.get(r["method"], "o"), color=color, ls="none",
+                        capsize=2, **kw)
+            top = max(top, v)
+    bx.plot([1, top * 1.1], [1, top * 1.1], "k--", lw=1, label="physical limit (speed-up = FLOPs ratio)")
+    for key, color, lab in (("b1", "C0", f"batch 1 @ {cfg['input_size']} px"),
+                            ("b64", "C1", f"batch 64 @ {cfg['input_size']} px"),
+                            ("224", "C2", f"batch 1 @ {cfg['latency_size']} px")):
+        bx.plot([], [], "o", color=color, label=lab)
+    for m in cfg["methods"]:
+        bx.plot([], [], markers[m], color="grey", label=DISPLAY[m])
+    bx.axhline(1, color="grey", lw=0.8)
+    bx.set_xlabel("physical limit: dense FLOPs / pruned FLOPs")
+    bx.set_ylabel("measured CPU speed-up (dense ms / compact ms)")
+    bx.set_title(f"Measured speed-up vs its limit (CPU, {threads} threads)", fontsize=10)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7, ncol=2)
+
+    results = {"benchmark": NAME, "environment": env,
+               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+               "dataset_dir": dataset, "summary": rows, "findings": findings,
+               "reused_runs": sum(1 for r in runs if r.get("reused")),
+               "runs": [common.compact_summary(r) for r in runs]}
+    common.finish(NAME, out_dir, results, markdown, fig, started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
