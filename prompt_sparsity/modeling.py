@@ -513,6 +513,14 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         """`PreTrainedModel.save_pretrained` plus the image-processor config, so that
         `pipeline("image-classification", model=save_directory)` works."""
+        if self.sparsity is not None and self.sparsity.frozen and kwargs.get("state_dict") is None:
+            # Pruned weights never act (forward uses W * m): store them as zeros so the file compresses like
+            # the sparse model it is. Loading gives W * m, hence exactly the same outputs.
+            state = self.state_dict()
+            for name, mask in self.sparsity.layer_masks().items():
+                key = f"model.{name}"
+                state[key] = state[key] * mask.to(state[key].dtype)
+            kwargs["state_dict"] = state
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             self.image_processor().save_pretrained(save_directory)

@@ -145,6 +145,13 @@ def test_frozen_mask_is_bit_packed(saved):
     assert "sparsity.scores" not in stored
     packed = stored["sparsity.mask_packed"]
     assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+    # Pruned weights are stored as zeros (the file compresses like a sparse model), kept ones unchanged.
+    params = dict(model.model.named_parameters())
+    for layer in model.sparsity.layers:
+        m = mask[layer.offset : layer.offset + layer.numel].view(layer.shape)
+        saved_w = stored[f"model.{layer.param_name}"]
+        assert torch.equal(saved_w[m == 0], torch.zeros_like(saved_w[m == 0]))
+        assert torch.equal(saved_w[m == 1], params[layer.param_name].detach()[m == 1])
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
