@@ -421,3 +421,29 @@ def reuse_note(runs: Sequence[dict[str, Any]]) -> str:
         return f"All {len(runs)} runs were made by this invocation."
     return (f"{n} of {len(runs)} runs were reused from an earlier invocation with the same settings (their wall times "
             "are from that invocation; the script wall time below does not include them).")
+
+
+def accuracy_arguments(name: str, doc: str, methods_help: str, level: str, level_help: str, argv=None):
+    """The command line shared by the two accuracy benchmarks (`level` is "sparsities" or "flops")."""
+    p = parser(name, doc)
+    p.add_argument("--methods", nargs="+", default=None, help=methods_help)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument(f"--{level}", nargs="+", type=float, default=None, help=level_help)
+    p.add_argument("--passes", type=int, default=None, help="passes over the training data per method (mult. of 4)")
+    p.add_argument("--train-samples", type=int, default=None)
+    p.add_argument("--test-samples", type=int, default=None, help="0 = the full 10,000-image test set")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
+    return p.parse_args(argv)
+
+
+def accuracy_config(args, quick: dict, full: dict, level: str) -> dict:
+    """The mode's settings with the command-line overrides applied."""
+    cfg = dict(quick if args.quick else full)
+    for key in ("methods", "seeds", level, "passes"):
+        if getattr(args, key) is not None:
+            cfg[key] = tuple(getattr(args, key)) if key != "passes" else getattr(args, key)
+    if args.train_samples:
+        cfg["train"] = args.train_samples
+    if args.test_samples is not None:
+        cfg["test"] = args.test_samples or None
+    return cfg

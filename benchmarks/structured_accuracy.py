@@ -52,23 +52,8 @@ def latency_at(run_dir: str, size: int, threads: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = common.parser(NAME, __doc__)
-    p.add_argument("--methods", nargs="+", default=None, help=f"subset of pass {' '.join(BASELINES)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--flops", nargs="+", type=float, default=None, help="FLOPs targets as fractions of dense")
-    p.add_argument("--passes", type=int, default=None, help="passes over the training data per method (mult. of 4)")
-    p.add_argument("--train-samples", type=int, default=None)
-    p.add_argument("--test-samples", type=int, default=None, help="0 = the full 10,000-image test set")
-    p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
-    args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    for key in ("methods", "seeds", "flops", "passes"):
-        if getattr(args, key) is not None:
-            cfg[key] = tuple(getattr(args, key)) if key != "passes" else getattr(args, key)
-    if args.train_samples:
-        cfg["train"] = args.train_samples
-    if args.test_samples is not None:
-        cfg["test"] = args.test_samples or None
+    args = common.accuracy_arguments(NAME, __doc__, f"subset of pass {' '.join(BASELINES)}", "flops", "FLOPs targets as fractions of dense", argv)
+    cfg = common.accuracy_config(args, QUICK, FULL, "flops")
     started = time.perf_counter()
     out_dir, work_dir = common.setup(args, NAME)
     env = common.environment(args)

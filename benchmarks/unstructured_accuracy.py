@@ -33,23 +33,8 @@ QUICK = dict(train=128, validation=128, test=256, input_size=48, batch_size=64, 
 
 
 def main(argv=None) -> int:
-    p = common.parser(NAME, __doc__)
-    p.add_argument("--methods", nargs="+", default=None, help=f"subset of vpns {' '.join(BASELINES)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--sparsities", nargs="+", type=float, default=None)
-    p.add_argument("--passes", type=int, default=None, help="passes over the training data per method (mult. of 4)")
-    p.add_argument("--train-samples", type=int, default=None)
-    p.add_argument("--test-samples", type=int, default=None, help="0 = the full 10,000-image test set")
-    p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
-    args = p.parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
-    for key in ("methods", "seeds", "sparsities", "passes"):
-        if getattr(args, key) is not None:
-            cfg[key] = tuple(getattr(args, key)) if key != "passes" else getattr(args, key)
-    if args.train_samples:
-        cfg["train"] = args.train_samples
-    if args.test_samples is not None:
-        cfg["test"] = args.test_samples or None
+    args = common.accuracy_arguments(NAME, __doc__, f"subset of vpns {' '.join(BASELINES)}", "sparsities", None, argv)
+    cfg = common.accuracy_config(args, QUICK, FULL, "sparsities")
     started = time.perf_counter()
     out_dir, work_dir = common.setup(args, NAME)
     env = common.environment(args)
