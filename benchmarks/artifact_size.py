@@ -16,8 +16,8 @@ For EfficientNet-Lite0 (offline ImageNet weights; full mode adds a ResNet-50-siz
     other parameters: the smallest uncompressed encoding of the subnetwork (written here, not a library format).
 
 With `--subnetwork DIR` (default: the 90% VPNs run of the full unstructured benchmark, when it exists), a real
-searched and fine-tuned subnetwork folder is measured as well: after fine-tuning, the pruned weights are still
-stored (weight decay shrinks but does not zero them), so only the merged export compresses.
+searched and fine-tuned subnetwork folder is measured as well (its pruned weights are stored as zeros, as
+`save_pretrained` writes every frozen subnetwork, so the file compresses like the merged export).
 
     python benchmarks/artifact_size.py --quick   # ~1.5 min: Lite0
     python benchmarks/artifact_size.py           # ~9 min (estimated): Lite0 + ResNet-50 size (+ a saved run if present)
@@ -186,7 +186,7 @@ def rows_for(r: dict) -> list[list]:
             row("VPNs stage 1: scores + weights + prompt", r["stage1_scores"]["safetensors"],
                 "a float32 score per prunable weight"),
             row("VPNs frozen subnetwork: 1-bit mask + weights + prompt", r["frozen_packed"]["safetensors"],
-                "what save_pretrained writes after the search; pruned weights are still stored"),
+                "what save_pretrained writes after the search; pruned weights stored as zeros"),
             row("  compressed", *best(r["frozen_packed"]["compressed"])),
             row("transfer download (config + header + mask + prompt)", r["transfer"]["total"],
                 f"mask {human_bytes(r['transfer']['tensors'].get('sparsity.mask_packed'))}, prompt "
@@ -282,13 +282,14 @@ def main(argv=None) -> int:
         f"A transfer moves {human_bytes(lite['transfer']['total'])} "
         f"({100 * lite['transfer']['total'] / lite['dense']['safetensors']:.1f}% of the dense model) on top of the "
         f"pretrained base, which it needs anyway.",
-        f"The zeros compress only once they are in the weights: merged + "
+        f"The zeros compress: the frozen file (pruned weights stored as zeros) compresses to "
+        f"{100 * min(lite['frozen_packed']['compressed'].values()) / lite['dense']['safetensors']:.0f}% of dense; merged + "
         f"{min(lite['merged']['compressed'], key=lite['merged']['compressed'].get)} = "
         f"{human_bytes(min(lite['merged']['compressed'].values()))} "
         f"({100 * min(lite['merged']['compressed'].values()) / lite['dense']['safetensors']:.0f}% of dense), mask + "
         f"kept values = {human_bytes(lite['mask_and_values']['safetensors'])} "
-        f"({100 * lite['mask_and_values']['safetensors'] / lite['dense']['safetensors']:.0f}%); the frozen file itself "
-        f"compresses to {100 * min(lite['frozen_packed']['compressed'].values()) / lite['dense']['safetensors']:.0f}%.",
+        f"({100 * lite['mask_and_values']['safetensors'] / lite['dense']['safetensors']:.0f}%), the smallest uncompressed "
+        f"encoding.",
         "Size is not speed: unstructured zeros are multiplied like any other weight by dense kernels.",
     ]
     if len(results_models) > 1:
