@@ -216,6 +216,49 @@ def test_synflow_single_iteration_matches_hand_computed_linearised_flow():
     torch.testing.assert_close(imp, expected, rtol=1e-10, atol=0.0)
 
 
+def _linearised_reference_scores(model, relu6_ceiling: bool) -> torch.Tensor:
+    ref = copy.deepcopy(model.model).double().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.abs_()
+        for m in ref.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.abs_()
+                m.running_var.abs_()
+    if not relu6_ceiling:
+        for name, m in list(ref.named_modules()):
+            for child_name, child in list(m.named_children()):
+                if isinstance(child, torch.nn.ReLU6):
+                    setattr(m, child_name, torch.nn.ReLU())
+    ref.zero_grad()
+    ref(torch.ones(1, 3, S, S, dtype=torch.float64)).logits.sum().backward()
+    params = dict(ref.named_parameters())
+    return torch.cat(
+        [(params[layer.param_name].grad * params[layer.param_name]).abs().flatten() for layer in model.sparsity.layers]
+    )
+
+
+def test_synflow_lifts_the_relu6_ceiling_so_no_layer_collapses():
+    # MobileNetV2 uses ReLU6; with |θ| on an all-ones input the activations pass 6, a saturated ReLU6 passes no
+    # gradient, and every earlier layer scored 0 (pruned whole). Weights are scaled up so saturation is certain.
+    model = wrap("mobilenet_v2")
+    with torch.no_grad():
+        for layer in model.sparsity.layers:
+            dict(model.model.named_parameters())[layer.param_name].mul_(10.0)
+    saturated = _linearised_reference_scores(model, relu6_ceiling=True)
+    dead = [layer for layer in model.sparsity.layers if saturated[layer_slice(layer)].max() == 0]
+    assert len(dead) > len(model.sparsity.layers) // 2  # the failure this guards against is really provoked
+    imp = synflow_importance(model, 0.5, iterations=1)
+    torch.testing.assert_close(imp, _linearised_reference_scores(model, relu6_ceiling=False), rtol=1e-10, atol=0.0)
+    mask = prune_once(model, "synflow", 0.7, synflow_iterations=5)
+    assert all(mask[layer_slice(layer)].sum() > 0 for layer in model.sparsity.layers)
+    # the activations got their own forward back
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Hardtanh))
+    x = torch.full((1, 3, S, S), 50.0)
+    relu6 = next(m for m in model.modules() if isinstance(m, torch.nn.ReLU6))
+    assert relu6(x).max() == 6.0
+
+
 def test_synflow_is_iterative_exact_and_consistent_with_its_importance():
     model = wrap()
     n = model.sparsity.numel
