@@ -433,7 +433,45 @@ def accuracy_arguments(name: str, doc: str, methods_help: str, level: str, level
     p.add_argument("--train-samples", type=int, default=None)
     p.add_argument("--test-samples", type=int, default=None, help="0 = the full 10,000-image test set")
     p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
+    p.add_argument("--prune-arg", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a PruningArguments field for every run (repeatable), e.g. score_lr=1e-3 for an "
+                        "ablation; use with --output-dir and --work-dir so the default results stay apart")
     return p.parse_args(argv)
+
+
+GRID_FIELDS = ("method", "sparsity", "flops_ratio")
+
+
+def prune_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """{"score_lr": 0.001} from ["score_lr=1e-3"], each value converted to the field's default's type."""
+    from prompt_sparsity.arguments import PruningArguments
+
+    fields = {f.name: f for f in dataclasses.fields(PruningArguments)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(f"--prune-arg {pair!r}: expected FIELD=VALUE with FIELD one of PruningArguments' fields "
+                             f"({', '.join(sorted(fields))}).")
+        if name in GRID_FIELDS or name.endswith("_epochs"):
+            raise SystemExit(f"--prune-arg {pair!r}: the benchmark sets {name} itself (use --methods, --passes, "
+                             "--sparsities / --flops).")
+        default = fields[name].default
+        kind = type(default) if default is not None and default is not dataclasses.MISSING else str
+        if kind is bool:
+            out[name] = value.lower() in ("1", "true", "yes")
+        else:
+            try:
+                out[name] = kind(value)
+            except ValueError:
+                raise SystemExit(f"--prune-arg {pair!r}: {value!r} is not a {kind.__name__}.") from None
+    return out
+
+
+def overrides_text(cfg: dict) -> str:
+    """'; overrides: score_lr=0.001' for the budget line, or '' when the library defaults were used."""
+    o = cfg.get("overrides") or {}
+    return "; overrides: " + ", ".join(f"{k}={v}" for k, v in o.items()) if o else ""
 
 
 def accuracy_config(args, quick: dict, full: dict, level: str) -> dict:
@@ -446,4 +484,5 @@ def accuracy_config(args, quick: dict, full: dict, level: str) -> dict:
         cfg["train"] = args.train_samples
     if args.test_samples is not None:
         cfg["test"] = args.test_samples or None
+    cfg["overrides"] = prune_overrides(args.prune_arg)
     return cfg

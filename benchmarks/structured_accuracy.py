@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     def make_args(method, level, seed):
         return common.accuracy_run_args(dataset=dataset, input_size=cfg["input_size"], batch_size=cfg["batch_size"],
                                         method=method, seed=seed, passes=cfg["passes"], threads=args.threads,
-                                        flops_ratio=level if method != "dense" else 0.5)
+                                        flops_ratio=level if method != "dense" else 0.5, **cfg["overrides"])
 
     runs = common.run_grid(jobs, work_dir, make_args, fresh=args.fresh)
     for r in runs:
@@ -134,7 +134,8 @@ def main(argv=None) -> int:
         image_size=f"{cfg['input_size']} px for training, FLOPs and the batch-1/64 latency; batch-1 latency also at "
                    f"{cfg['latency_size']} px; training batch {cfg['batch_size']}",
         budget=f"{cfg['passes']} passes over the training data per method; epochs: "
-               + common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]), cfg["passes"]),
+               + common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]), cfg["passes"])
+               + common.overrides_text(cfg),
         latency=f"CPU, {threads} threads, median of 15 repeats after 3 warm-ups, dense and compact interleaved in one "
                 "process; forward of the backbone only (no prompt)",
         seeds=", ".join(map(str, cfg["seeds"])) + " (mean ± sample std over seeds)",

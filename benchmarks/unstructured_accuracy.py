@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         return common.accuracy_run_args(dataset=dataset, input_size=cfg["input_size"], batch_size=cfg["batch_size"],
                                         method=method, seed=seed, passes=cfg["passes"], threads=args.threads,
                                         sparsity=level if method != "dense" else 0.9,
-                                        synflow_iterations=cfg["synflow_iterations"])
+                                        synflow_iterations=cfg["synflow_iterations"], **cfg["overrides"])
 
     runs = common.run_grid(jobs, work_dir, make_args, fresh=args.fresh)
 
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
              f"the same for every method and seed",
         image_size=f"{cfg['input_size']} px (pad prompt, 4 px frame), batch {cfg['batch_size']}",
         budget=f"{cfg['passes']} passes over the training data per method; epochs: {epochs_text}; library "
-               f"defaults otherwise (SNIP/GraSP on 4 batches, SynFlow {cfg['synflow_iterations']} iterations)",
+               f"defaults otherwise (SNIP/GraSP on 4 batches, SynFlow {cfg['synflow_iterations']} iterations)"
+               + common.overrides_text(cfg),
         seeds=", ".join(map(str, cfg["seeds"])) + " (mean ± sample std over seeds)",
     )
     headers = ["method", "target sparsity", "achieved", "test acc % (no prompt)", "test acc % (prompt)",
