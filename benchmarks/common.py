@@ -458,7 +458,9 @@ def prune_overrides(pairs: Sequence[str]) -> dict[str, Any]:
                              "--sparsities / --flops).")
         default = fields[name].default
         kind = type(default) if default is not None and default is not dataclasses.MISSING else str
-        if kind is bool:
+        if "list" in str(fields[name].type):  # e.g. exclude_modules=classifier,conv_head
+            out[name] = [v for v in value.split(",") if v]
+        elif kind is bool:
             out[name] = value.lower() in ("1", "true", "yes")
         else:
             try:
