@@ -37,14 +37,17 @@ def analyse(run_dir: Path) -> dict | None:
         return None
     with open(results_path) as f:
         results = json.load(f)
+    if results.get("method") == "dense":
+        return None
     model = PromptedSparseModel.from_pretrained(str(run_dir))
     if model.sparsity is None or model.config.label_mapping is None:
         return None
-    masks = model.sparsity.layer_masks()
-    # the pretrained head: the last pruned 2-D weight with one row per source class
-    rows = max(m.shape[0] for m in masks.values() if m.dim() == 2)
-    head = [name for name, m in masks.items() if m.dim() == 2 and m.shape[0] == rows]
-    head_name = head[-1]
+    masks = dict(model.sparsity.layer_masks())
+    # the pretrained head is the base model's last Linear; when the run excluded it from pruning it counts as kept
+    head_name = [f"{n}.weight" for n, m in model.model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    head_pruned = head_name in masks
+    if not head_pruned:
+        masks[head_name] = torch.ones_like(dict(model.model.named_parameters())[head_name], dtype=torch.bool)
     head_mask = masks[head_name]
     mapped = torch.zeros(head_mask.shape[0], dtype=torch.bool)
     mapped[torch.tensor(model.config.label_mapping)] = True
@@ -62,8 +65,8 @@ def analyse(run_dir: Path) -> dict | None:
     return {
         "run_dir": str(run_dir), "method": results.get("method"), "seed": results.get("seed"),
         "sparsity_target": results.get("sparsity_target"), "exclude": (results.get("args") or {}).get("exclude_modules"),
-        "head": head_name, "head_rows": head_mask.shape[0], "mapped_rows": int(mapped.sum()),
-        "prunable": total, "kept": kept, "sparsity": 1 - kept / total,
+        "head": head_name, "head_pruned": head_pruned, "head_rows": head_mask.shape[0], "mapped_rows": int(mapped.sum()),
+        "conv_linear_weights": total, "kept": kept, "sparsity": 1 - kept / total,
         "unused_rows_share_of_prunable": unused / total,
         "mapped_rows_kept": kept_mapped / mapped_total, "unused_rows_kept": kept_unused / unused,
         "share_of_kept_in_unused_rows": kept_unused / kept,
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
         runs="the saved run folders under " + ", ".join(f"`{d.relative_to(common.ROOT) if d.is_absolute() and common.ROOT in d.parents else d}`" for d in dirs)
              + " (their settings are in the unstructured accuracy table)",
     )
-    headers = ["method", "target", "pruning excludes", "achieved sparsity", "mapped head rows kept %",
+    headers = ["method", "target", "pruning excludes", "sparsity of all Conv2d/Linear weights", "mapped head rows kept %",
                "unused head rows kept %", "kept weights that cannot act %", "sparsity of weights that can act",
                "test acc % (headline)"]
     table = []
