@@ -20,7 +20,7 @@ searched and fine-tuned subnetwork folder is measured as well (its pruned weight
 `save_pretrained` writes every frozen subnetwork, so the file compresses like the merged export).
 
     python benchmarks/artifact_size.py --quick   # ~1.5 min: Lite0
-    python benchmarks/artifact_size.py           # ~9 min (estimated): Lite0 + ResNet-50 size (+ a saved run if present)
+    python benchmarks/artifact_size.py           # ~11 min (measured, 2 CPU cores): Lite0 + ResNet-50 size (+ a saved run if present)
 
 Writes artifact_size.json/.png/.md to benchmarks/results[/quick]; the saved folders go under
 outputs/benchmarks/artifact_size[-quick]/.

@@ -20,7 +20,7 @@ path, which selects only inside a narrow band around the previous threshold), an
 selection (`torch.kthvalue` over all |scores|) and a fresh ThresholdFinder (the full path of the first step).
 
     python benchmarks/search_cost.py --quick     # ~1 min on 2 CPU cores (fewer repeats)
-    python benchmarks/search_cost.py             # full mode, ~3 min on 2 CPU cores (estimated)
+    python benchmarks/search_cost.py             # full mode, ~4 min on 2 CPU cores (measured)
 
 Writes search_cost.json/.png/.md to benchmarks/results[/quick].
 """

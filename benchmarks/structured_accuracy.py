@@ -14,7 +14,7 @@ the training size, plus batch 1 at 224 px) with the measured speed-up beside its
 pruned FLOPs.
 
     python benchmarks/structured_accuracy.py --quick     # ~2.5 min on 2 CPU cores: 50% FLOPs, 1 seed, tiny data
-    python benchmarks/structured_accuracy.py             # full mode, ~45 min on 2 CPU cores (estimated)
+    python benchmarks/structured_accuracy.py             # full mode, ~30 min on 2 CPU cores (measured)
 
 Writes structured_accuracy.json/.png/.md to benchmarks/results[/quick]; run folders (reused when rerun with the
 same settings) under outputs/benchmarks/structured_accuracy[-quick]/.

@@ -10,7 +10,7 @@ Library defaults otherwise (lr, optimisers, pad prompt). Reports
 test accuracy mean +- std over seeds, with and without the prompt, and the wall time of each run.
 
     python benchmarks/unstructured_accuracy.py --quick    # ~2.5 min on 2 CPU cores: 90% only, 1 seed, tiny data
-    python benchmarks/unstructured_accuracy.py            # full mode, ~58 min on 2 CPU cores (estimated)
+    python benchmarks/unstructured_accuracy.py            # full mode, ~60-70 min on 2 CPU cores (measured)
 
 Writes unstructured_accuracy.json/.png/.md to benchmarks/results[/quick]; run folders (reused when rerun with
 the same settings) under outputs/benchmarks/unstructured_accuracy[-quick]/.
