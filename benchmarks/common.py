@@ -395,6 +395,16 @@ def run_grid(jobs: Sequence[dict[str, Any]], work_dir: Path, make_args: Callable
     return out
 
 
+def accuracy_results(name: str, env: dict[str, Any], cfg: dict, dataset: str, rows: list, findings: list,
+                     runs: Sequence[dict[str, Any]], **extra) -> dict[str, Any]:
+    """The JSON an accuracy benchmark writes: settings, summary rows, findings and each run's compact summary."""
+    return {"benchmark": name, "environment": env,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+            "dataset_dir": dataset, "summary": rows, **extra, "findings": findings,
+            "reused_runs": sum(1 for r in runs if r.get("reused")),
+            "runs": [compact_summary(r) for r in runs]}
+
+
 def compact_summary(results: dict[str, Any]) -> dict[str, Any]:
     """The fields of a run's results.json that the benchmark JSON keeps (not the per-layer details)."""
     keep = ("name", "method", "sparsity_target", "sparsity", "pruned_weights", "prunable_weights", "accuracy",

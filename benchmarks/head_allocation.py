@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         model=f"EfficientNet-Lite0, pretrained {first['head_rows']}-way head `{first['head']}` with FLM onto "
               f"{first['mapped_rows']} classes; the {first['head_rows'] - first['mapped_rows']} unused rows are "
               f"{100 * first['unused_rows_share_of_prunable']:.1f}% of the prunable weights",
-        runs="the saved run folders under " + ", ".join(f"`{d.relative_to(common.ROOT) if d.is_absolute() and common.ROOT in d.parents else d}`" for d in dirs)
+        runs="the saved run folders under " + ", ".join(f"`{d}`" for d in dirs)
              + " (their settings are in the unstructured accuracy table)",
     )
     headers = ["method", "target", "pruning excludes", "sparsity of all Conv2d/Linear weights", "mapped head rows kept %",

@@ -276,11 +276,7 @@ def main(argv=None) -> int:
     bx.grid(alpha=0.3)
     bx.legend(fontsize=7, ncol=2)
 
-    results = {"benchmark": NAME, "environment": env,
-               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-               "dataset_dir": dataset, "summary": rows, "findings": findings,
-               "reused_runs": sum(1 for r in runs if r.get("reused")),
-               "runs": [common.compact_summary(r) for r in runs]}
+    results = common.accuracy_results(NAME, env, cfg, dataset, rows, findings, runs)
     common.finish(NAME, out_dir, results, markdown, fig, started)
     return 0
 
