@@ -31,7 +31,7 @@ NAME = "structured_accuracy"
 BASELINES = ("l1", "taylor", "bn_scale", "random_channels", "depgraph")
 
 FULL = dict(train=640, validation=500, test=None, input_size=48, batch_size=64, passes=8,
-            seeds=(7, 9), flops=(0.5, 0.3), methods=("pass",) + BASELINES, latency_size=224)
+            seeds=(7, 9, 17), flops=(0.5, 0.3), methods=("pass",) + BASELINES, latency_size=224)
 QUICK = dict(train=128, validation=128, test=256, input_size=48, batch_size=64, passes=4,
              seeds=(7,), flops=(0.5,), methods=("pass",) + BASELINES, latency_size=224)
 

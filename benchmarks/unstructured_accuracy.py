@@ -27,7 +27,7 @@ NAME = "unstructured_accuracy"
 BASELINES = ("hydra", "omp", "random", "snip", "synflow", "grasp")
 
 FULL = dict(train=640, validation=500, test=None, input_size=48, batch_size=64, passes=8,
-            seeds=(7, 9), sparsities=(0.7, 0.9), methods=("vpns",) + BASELINES, synflow_iterations=100)
+            seeds=(7, 9, 17), sparsities=(0.7, 0.9), methods=("vpns",) + BASELINES, synflow_iterations=100)
 QUICK = dict(train=128, validation=128, test=256, input_size=48, batch_size=64, passes=4,
              seeds=(7,), sparsities=(0.9,), methods=("vpns",) + BASELINES, synflow_iterations=20)
 
