@@ -97,8 +97,7 @@ def test_compact_roundtrip_in_new_process(compacted, tmp_path):
             with torch.no_grad():
                 tensors[arch + ".logits"] = model(x).logits
             for k, v in model.state_dict().items():
-                if not k.startswith("model."):
-                    tensors[arch + "." + k] = v
+                tensors[arch + "." + k] = v.clone()  # clone: save_file refuses tensors that share memory
         save_file(tensors, out + ".safetensors")
         json.dump(info, open(out + ".json", "w"))
         """
@@ -110,11 +109,13 @@ def test_compact_roundtrip_in_new_process(compacted, tmp_path):
     tensors, info = load_file(out + ".safetensors"), json.load(open(out + ".json"))
     for arch, (_, model, logits, _) in compacted.items():
         assert info[arch]["missing_keys"] == [] and info[arch]["unexpected_keys"] == [], info[arch]
-        assert torch.equal(tensors[arch + ".logits"], logits), arch
-        own = {k: v for k, v in model.state_dict().items() if not k.startswith("model.")}
-        assert any(k.startswith("structure.hypernetwork.") for k in own)
-        for k, v in own.items():  # hypernetwork, prompt, kept channel indices
+        state = model.state_dict()
+        assert any(k.startswith("structure.hypernetwork.") for k in state)
+        for k, v in state.items():  # compact weights, hypernetwork, prompt, kept channel indices: bit for bit
             assert torch.equal(tensors[arch + "." + k], v), (arch, k)
+        # Logits to float tolerance only: with bit-identical weights, CPU conv kernels can still differ in the last
+        # bit with the memory alignment of the weight (a reloaded tensor is a view into the safetensors buffer).
+        torch.testing.assert_close(tensors[arch + ".logits"], logits, rtol=1e-5, atol=1e-6, msg=arch)
 
 
 def test_compact_model_in_pipeline(compacted):
