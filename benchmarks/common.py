@@ -441,7 +441,8 @@ def accuracy_arguments(name: str, doc: str, methods_help: str, level: str, level
     p.add_argument(f"--{level}", nargs="+", type=float, default=None, help=level_help)
     p.add_argument("--passes", type=int, default=None, help="passes over the training data per method (mult. of 4)")
     p.add_argument("--train-samples", type=int, default=None)
-    p.add_argument("--test-samples", type=int, default=None, help="N = a fixed class-balanced N-image subset of the test set; 0 = the full 10,000 (the full mode's default)")
+    p.add_argument("--test-samples", type=int, default=None,
+                   help="a fixed class-balanced subset of N test images; 0 = all 10,000 (the full mode's default)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
     p.add_argument("--prune-arg", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a PruningArguments field for every run (repeatable), e.g. score_lr=1e-3 for an "

@@ -129,10 +129,8 @@ def test_roundtrip_in_new_process(saved, tmp_path):
         assert torch.equal(tensors[arch + ".mask"], mask), arch
         state = model.state_dict()
         assert any(k.startswith("prompt.") for k in state)
-        for layer in model.sparsity.layers if model.sparsity.frozen else ():  # frozen: pruned weights saved as 0
-            key = f"model.{layer.name}.weight"
-            m = mask[layer.offset : layer.offset + layer.numel].view_as(state[key]).to(state[key].dtype)
-            state[key] = state[key] * m
+        if model.sparsity.frozen:  # a frozen subnetwork saves its pruned weights as zeros: W * m
+            state.update({f"model.{k}": v for k, v in model.masked_parameters(differentiable=False).items()})
         for k, v in state.items():
             assert torch.equal(tensors[arch + ".state." + k], v), (arch, k)
         # Logits to float tolerance only: with bit-identical weights, CPU conv kernels can still differ in the last
