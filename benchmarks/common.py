@@ -365,18 +365,116 @@ def progress(msg: str) -> None:
 
 
 def accuracy_run_args(*, dataset: str, input_size: int, batch_size: int, method: str, seed: int, passes: int,
-                      threads: int, workers: int = 1, **prune_kwargs):
+                      threads: int, workers: int = 1, lr_scale: float = 1.0, train: int | None = None,
+                      dense_reference: bool = True, **prune_kwargs):
     """The four argument groups of one accuracy run: library defaults (lr, optimisers, prompt, FLM head) except
-    the data (the fixed on-disk subset, used whole), the image size, the equal pass budget and no checkpoints."""
+    the data (the fixed on-disk subset, used whole), the image size, the equal pass budget and no checkpoints;
+    `lr_scale` multiplies every learning rate (needs `train`, the number of training images, for 'auto')."""
     from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
 
     model = ModelArguments(model_name_or_path="efficientnet-lite0", input_size=input_size)
     data = DataArguments(dataset_name=dataset, max_train_samples=None, max_eval_samples=None,
                          per_device_train_batch_size=batch_size, per_device_eval_batch_size=128,
                          dataloader_num_workers=workers)
+    if lr_scale != 1.0:
+        prune_kwargs = {**prune_kwargs, **scaled_learning_rates(method, lr_scale, passes, train, batch_size,
+                                                                base=prune_kwargs)}
     prune = PruningArguments(method=method, **equal_budget_epochs(method, passes), **prune_kwargs)
-    run = RunArguments(seed=seed, checkpointing=False, torch_threads=threads, cpu=True)
+    run = RunArguments(seed=seed, checkpointing=False, torch_threads=threads, cpu=True,
+                       dense_reference=dense_reference)
     return model, data, prune, run
+
+
+# --------------------------------------------------------------------------------------------- lr selection
+LR_FIELDS = ("score_lr", "search_prompt_lr", "hypernet_lr", "structure_prompt_lr", "finetune_lr",
+             "finetune_prompt_lr")
+
+
+def stage_steps(method_name: str, epochs: dict[str, int], train: int, batch_size: int) -> dict[str, int]:
+    """Optimiser steps of each stage kind of a method, as the training loop counts them (one process)."""
+    from prompt_sparsity.methods import Stage, get_method
+
+    method = get_method(method_name)
+    iters = math.ceil(train / batch_size)
+    out = {}
+    for stage in method.plan:
+        if isinstance(stage, Stage):
+            steps = stage.steps or method.steps
+            out[stage.kind] = out.get(stage.kind, 0) + epochs[stage.epochs_field] * iters * (2 if steps == "two" else 1)
+    return out
+
+
+def scaled_learning_rates(method_name: str, scale: float, passes: int, train: int, batch_size: int,
+                          base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every learning rate of a method's stages times `scale` ('auto' resolved at the stage's step count first).
+    Scale 1 returns {} (the library defaults, 'auto' included). `base` overrides the defaults before scaling."""
+    import dataclasses as dc
+
+    from prompt_sparsity import optim
+    from prompt_sparsity.arguments import PruningArguments
+
+    if scale == 1.0:
+        return {}
+    defaults = {f.name: f.default for f in dc.fields(PruningArguments) if f.name in LR_FIELDS}
+    defaults.update({k: v for k, v in (base or {}).items() if k in LR_FIELDS})
+    steps = stage_steps(method_name, equal_budget_epochs(method_name, passes), train, batch_size)
+    rules = {"score_lr": ("search", optim.SCORE_LR_RULE), "search_prompt_lr": ("search", optim.SEARCH_PROMPT_LR_RULE),
+             "hypernet_lr": ("structure_search", optim.HYPERNET_LR_RULE),
+             "structure_prompt_lr": ("structure_search", optim.STRUCTURE_PROMPT_LR_RULE)}
+    out = {}
+    for field, value in defaults.items():
+        if field in rules:
+            kind, rule = rules[field]
+            if kind not in steps:
+                continue  # the method has no such stage: leave the default
+            value = optim.resolve_lr(value, rule, steps[kind], field)
+        out[field] = float(f"{float(value) * scale:.4g}")
+    return out
+
+
+def headline_val(results: dict[str, Any]) -> float | None:
+    """Validation accuracy of the model as it runs by default (prompted when it has a prompt)."""
+    v = val_accuracy(results, True)
+    return v if v is not None else val_accuracy(results, False)
+
+
+def run_lr_selected(jobs: Sequence[dict[str, Any]], work_dir: Path, make_args: Callable[..., tuple], *,
+                    scales: Sequence[float], fresh: bool = False, no_grid: Sequence[str] = ("dense",)):
+    """The fair protocol: for each (method, level), every learning-rate scale runs at the first seed; the scale
+    with the best validation accuracy (ties: the one closest to 1) is selected on validation only, and the other
+    seeds run at it. Returns (all runs, selection {"method@level": {"scales": {scale: val}, "selected": s}}).
+    `make_args(method, level, seed, lr_scale)`."""
+    seeds = list(dict.fromkeys(j["seed"] for j in jobs))
+    pairs = list(dict.fromkeys((j["method"], j["level"]) for j in jobs))
+    first = [{"method": m, "level": lv, "seed": seeds[0], "lr_scale": sc}
+             for m, lv in pairs for sc in (scales if m not in no_grid else (1.0,))]
+    runs = run_grid(first, work_dir, make_args, fresh=fresh)
+    selection = {}
+    for m, lv in pairs:
+        tried = {r["job"]["lr_scale"]: headline_val(r) for r in runs
+                 if r["job"]["method"] == m and r["job"]["level"] == lv and "error" not in r}
+        ok = {sc: v for sc, v in tried.items() if v is not None}
+        best = max(ok, key=lambda sc: (ok[sc], -abs(math.log(sc)))) if ok else 1.0
+        selection[f"{m}@{lv}"] = {"method": m, "level": lv, "scales": tried, "selected": best}
+    rest = [{"method": m, "level": lv, "seed": seed, "lr_scale": selection[f"{m}@{lv}"]["selected"]}
+            for m, lv in pairs for seed in seeds[1:]]
+    runs += run_grid(rest, work_dir, make_args, fresh=fresh)
+    for r in runs:
+        sel = selection[f"{r['job']['method']}@{r['job']['level']}"]["selected"]
+        r["selected"] = r["job"]["lr_scale"] == sel
+    return runs, selection
+
+
+def lr_selection_text(selection: dict, display: dict) -> list[str]:
+    """One line per method and level: validation accuracy at each scale, the selected one in bold."""
+    lines = []
+    for sel in selection.values():
+        parts = []
+        for sc, v in sorted(sel["scales"].items()):
+            cell = f"{sc:g}x: {'–' if v is None else f'{v:.1f}'}"
+            parts.append(f"**{cell}**" if sc == sel["selected"] else cell)
+        lines.append(f"{display.get(sel['method'], sel['method'])} @ {sel['level']:g}: " + ", ".join(parts))
+    return lines
 
 
 def run_grid(jobs: Sequence[dict[str, Any]], work_dir: Path, make_args: Callable[..., tuple], *,
@@ -411,7 +509,7 @@ def compact_summary(results: dict[str, Any]) -> dict[str, Any]:
             "dense_pretrained_flm", "epochs", "history", "timings_s", "wall_time_s", "train_images_per_s", "samples",
             "input_size", "prompt_method", "steps", "torch_threads", "device", "seed", "flops", "dense_flops",
             "flops_ratio", "flops_target", "params", "dense_params", "channel_widths", "latency", "error", "job",
-            "run_dir", "latency_224", "reused")
+            "run_dir", "latency_224", "reused", "selected", "learning_rates", "label_mapping_source")
     return {k: results[k] for k in keep if k in results}
 
 
@@ -444,6 +542,9 @@ def accuracy_arguments(name: str, doc: str, methods_help: str, level: str, level
     p.add_argument("--test-samples", type=int, default=None,
                    help="a fixed class-balanced subset of N test images; 0 = all 10,000 (the full mode's default)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
+    p.add_argument("--lr-scales", nargs="+", type=float, default=None,
+                   help="the learning-rate grid every method gets, as multiples of its defaults (full mode: 0.3 1 "
+                        "3); the best on validation at the first seed is used for the other seeds")
     p.add_argument("--prune-arg", action="append", default=[], metavar="FIELD=VALUE",
                    help="set a PruningArguments field for every run (repeatable), e.g. score_lr=1e-3 for an "
                         "ablation; use with --output-dir and --work-dir so the default results stay apart")
@@ -490,7 +591,7 @@ def overrides_text(cfg: dict) -> str:
 def accuracy_config(args, quick: dict, full: dict, level: str) -> dict:
     """The mode's settings with the command-line overrides applied."""
     cfg = dict(quick if args.quick else full)
-    for key in ("methods", "seeds", level, "passes"):
+    for key in ("methods", "seeds", level, "passes", "lr_scales"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key)) if key != "passes" else getattr(args, key)
     if args.train_samples:

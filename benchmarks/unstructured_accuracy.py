@@ -24,12 +24,13 @@ import common
 from common import DISPLAY, fmt_ms, markdown_table, mean_std
 
 NAME = "unstructured_accuracy"
-BASELINES = ("hydra", "omp", "random", "snip", "synflow", "grasp")
+BASELINES = ("hydra", "snip", "omp", "random", "synflow", "grasp")
+FAIR = ("vpns", "hydra", "snip", "omp", "random")  # the issue-11 protocol's methods; the others via --methods
 
 FULL = dict(train=640, validation=500, test=None, input_size=48, batch_size=64, passes=8,
-            seeds=(7, 9, 17), sparsities=(0.7, 0.9), methods=("vpns",) + BASELINES, synflow_iterations=100)
+            seeds=(7, 9, 17), sparsities=(0.9, 0.7), methods=FAIR, synflow_iterations=100, lr_scales=(0.3, 1.0, 3.0))
 QUICK = dict(train=128, validation=128, test=256, input_size=48, batch_size=64, passes=4,
-             seeds=(7,), sparsities=(0.9,), methods=("vpns",) + BASELINES, synflow_iterations=20)
+             seeds=(7,), sparsities=(0.9,), methods=FAIR, synflow_iterations=20, lr_scales=(1.0, 3.0))
 
 
 def main(argv=None) -> int:
@@ -45,13 +46,20 @@ def main(argv=None) -> int:
     if not args.no_dense:
         jobs += [{"method": "dense", "level": 0.0, "seed": seed} for seed in cfg["seeds"]]
 
-    def make_args(method, level, seed):
+    first = jobs[0]
+
+    def make_args(method, level, seed, lr_scale):
+        # The dense floor (pretrained + FLM, no training) is the same for every run: measured once.
+        floor_run = (method, level, seed, lr_scale) == (first["method"], first["level"], first["seed"], 1.0)
         return common.accuracy_run_args(dataset=dataset, input_size=cfg["input_size"], batch_size=cfg["batch_size"],
                                         method=method, seed=seed, passes=cfg["passes"], threads=args.threads,
-                                        sparsity=level if method != "dense" else 0.9,
+                                        sparsity=level if method != "dense" else 0.9, lr_scale=lr_scale,
+                                        train=cfg["train"], dense_reference=floor_run,
                                         synflow_iterations=cfg["synflow_iterations"], **cfg["overrides"])
 
-    runs = common.run_grid(jobs, work_dir, make_args, fresh=args.fresh)
+    all_runs, selection = common.run_lr_selected(jobs, work_dir, make_args, scales=cfg["lr_scales"],
+                                                 fresh=args.fresh)
+    runs = [r for r in all_runs if r.get("selected")]  # the table: each method at its validation-selected lr
 
     # ------------------------------------------------------------------ aggregate
     rows = []
@@ -70,11 +78,13 @@ def main(argv=None) -> int:
             "wall_time_s": mean_std(r.get("wall_time_s") for r in ok),
             "train_s": mean_std((r.get("timings_s") or {}).get("train_s") for r in ok),
             "epochs": ok[0]["epochs"] if ok else None,
+            "lr_scale": rs[0]["job"]["lr_scale"],
+            "learning_rates": ok[0].get("learning_rates") if ok else None,
             "seeds": [r["job"]["seed"] for r in ok],
             "errors": [r["error"] for r in rs if "error" in r],
         })
     # the pretrained dense model + FLM on the fixed data: the same number in every run (no training involved)
-    floor = mean_std([next(((r.get("dense_pretrained_flm") or {}).get("accuracy") for r in runs
+    floor = mean_std([next(((r.get("dense_pretrained_flm") or {}).get("accuracy") for r in all_runs
                             if r.get("dense_pretrained_flm")), None)])
 
     def headline(row):  # the accuracy of the saved model as it runs by default (prompted if it has a prompt)
@@ -96,9 +106,12 @@ def main(argv=None) -> int:
         budget=f"{cfg['passes']} passes over the training data per method; epochs: {epochs_text}; library "
                f"defaults otherwise (SNIP/GraSP on 4 batches, SynFlow {cfg['synflow_iterations']} iterations)"
                + common.overrides_text(cfg),
+        learning_rates=f"every method gets the same grid, {', '.join(f'{s:g}x' for s in cfg['lr_scales'])} its "
+                       "default learning rates (all of them; 'auto' resolved at the run's step count), run at seed "
+                       f"{cfg['seeds'][0]}; the best on validation is used for every seed (the table)",
         seeds=", ".join(map(str, cfg["seeds"])) + " (mean ± sample std over seeds)",
     )
-    headers = ["method", "target sparsity", "achieved", "test acc % (no prompt)", "test acc % (prompt)",
+    headers = ["method", "target sparsity", "achieved", "lr scale", "test acc % (no prompt)", "test acc % (prompt)",
                "val acc % (headline)", "wall time / run (s)"]
     table_rows = []
     order = {m: i for i, m in enumerate(list(cfg["methods"]) + ["dense"])}
@@ -109,10 +122,11 @@ def main(argv=None) -> int:
             name += " (failed: " + row["errors"][0][:60] + ")"
         table_rows.append([
             name, "0%" if row["method"] == "dense" else f"{100 * row['sparsity_target']:.0f}%",
-            fmt_ms(row["sparsity"], 1, 100) + "%", fmt_ms(row["test_no_prompt"]), fmt_ms(row["test_prompt"]),
+            fmt_ms(row["sparsity"], 1, 100) + "%", f"{row['lr_scale']:g}x", fmt_ms(row["test_no_prompt"]),
+            fmt_ms(row["test_prompt"]),
             fmt_ms(val), fmt_ms(row["wall_time_s"], 0),
         ])
-    table_rows.append(["Dense pretrained + FLM, no training (floor)", "0%", "0%", fmt_ms(floor), "–", "–", "–"])
+    table_rows.append(["Dense pretrained + FLM, no training (floor)", "0%", "0%", "–", fmt_ms(floor), "–", "–", "–"])
 
     # ------------------------------------------------------------------ findings
     findings = []
@@ -150,7 +164,10 @@ def main(argv=None) -> int:
 
     md = [f"# Unstructured accuracy at equal budgets ({env['mode']} mode)", "", settings, "",
           markdown_table(headers, table_rows), "", "## Findings", ""]
-    md += [f"- {f}" for f in findings] + ["", common.reuse_note(runs)]
+    md += [f"- {f}" for f in findings]
+    md += ["", f"## Learning-rate selection (validation accuracy %, seed {cfg['seeds'][0]}; selected in bold)", ""]
+    md += [f"- {line}" for line in common.lr_selection_text(selection, DISPLAY)]
+    md += ["", common.reuse_note(all_runs)]
     markdown = "\n".join(md) + "\n"
 
     # ------------------------------------------------------------------ plot
@@ -181,7 +198,8 @@ def main(argv=None) -> int:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
 
-    results = common.accuracy_results(NAME, env, cfg, dataset, rows, findings, runs, dense_pretrained_flm=floor)
+    results = common.accuracy_results(NAME, env, cfg, dataset, rows, findings, all_runs, dense_pretrained_flm=floor,
+                                      lr_selection=list(selection.values()))
     common.finish(NAME, out_dir, results, markdown, fig, started)
     return 0
 

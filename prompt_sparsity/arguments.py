@@ -59,6 +59,12 @@ class PruningArguments:
         default=None, metadata={"help": "Regexes of module names to prune (default: every Conv2d and Linear)."}
     )
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Regexes of module names to keep."})
+    min_layer_density: float = field(
+        default=0.01,
+        metadata={"help": "Every pruned layer (and every label-mapped row of a pretrained head) keeps at least this "
+                          "fraction of its weights, so no layer collapses; 0 allows collapse (layers above 99 "
+                          "percent sparsity are then named in a warning)."},
+    )
     steps: str | None = field(
         default=None,
         metadata={
@@ -69,14 +75,27 @@ class PruningArguments:
     search_epochs: int = field(default=2, metadata={"help": "Mask-finding epochs (paper: 30)."})
     finetune_epochs: int = field(default=2, metadata={"help": "Subnetwork-tuning epochs (paper: 30)."})
     dense_epochs: int = field(default=2, metadata={"help": "Dense fine-tuning epochs before OMP pruning."})
-    score_lr: float = field(default=1e-4)
+    score_lr: str = field(
+        default="auto",
+        metadata={"help": "Mask-score lr: a number, or 'auto' = clip(1e-4 * 11730 / search steps, 1e-4, 3e-2): the "
+                          "paper's 1e-4 at its ~11.7k steps, scaled to this run's (prompt_sparsity.optim)."},
+    )
     score_weight_decay: float = field(default=1e-4)
-    search_prompt_lr: float = field(default=1e-4)
+    score_optimizer: str = field(default="adam", metadata={"help": "adam (paper) or sgd (with --momentum)."})
+    score_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or multistep."})
+    search_prompt_lr: str = field(default="auto", metadata={"help": "Search-stage prompt lr: a number or 'auto' "
+                                                                    "(the same rule as score_lr)."})
+    search_prompt_optimizer: str = field(default="adam", metadata={"help": "adam (paper) or sgd."})
     search_prompt_schedule: str = field(
-        default="multistep", metadata={"help": "multistep (x0.1 at 50% and 72%; paper) or cosine (public code)."}
+        default="multistep", metadata={"help": "multistep (x0.1 at 50 and 72 percent of steps; paper) or cosine "
+                                               "(public code)."}
     )
     finetune_lr: float = field(default=0.01)
+    finetune_optimizer: str = field(default="sgd", metadata={"help": "sgd (paper, with --momentum) or adam."})
+    finetune_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or multistep."})
     finetune_prompt_lr: float = field(default=0.01)
+    finetune_prompt_optimizer: str = field(default="sgd", metadata={"help": "sgd (paper) or adam."})
+    finetune_prompt_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or multistep."})
     finetune_weight_decay: float = field(default=1e-4)
     momentum: float = field(default=0.9)
     warmup_ratio: float = field(default=0.0)
@@ -84,8 +103,13 @@ class PruningArguments:
     flops_ratio: float = field(default=0.5, metadata={"help": "Structured methods: FLOPs budget vs the dense model."})
     channel_selection: str = field(default="global", metadata={"help": "global (PASS) or uniform per unit."})
     min_channels: int = field(default=1, metadata={"help": "Channels every unit keeps at least."})
-    hypernet_lr: float = field(default=1e-3, metadata={"help": "PASS hypernetwork + prompt encoder (Adam)."})
-    structure_prompt_lr: float = field(default=1e-3, metadata={"help": "PASS prompt during the search (Adam)."})
+    hypernet_lr: str = field(
+        default="auto",
+        metadata={"help": "PASS hypernetwork + prompt encoder (Adam): a number, or 'auto' = clip(1e-3 * 5880 / "
+                          "search steps, 1e-3, 1e-2) (PASS.md's 1e-3 over ~30 epochs, scaled to this run's steps)."},
+    )
+    structure_prompt_lr: str = field(default="auto", metadata={"help": "PASS prompt during the search (Adam): a "
+                                                                       "number or 'auto' (the hypernet_lr rule)."})
     hypernet_hidden_size: int = field(default=128)
     flops_penalty: float = field(default=0.0, metadata={"help": "Soft-FLOPs penalty weight (PASS.md: 2; 0 = off)."})
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
@@ -100,6 +124,10 @@ class RunArguments:
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest one in output_dir."}
     )
     checkpointing: bool = field(default=True, metadata={"help": "Save the training state after each epoch."})
+    eval_test: bool = field(default=True, metadata={"help": "Evaluate on the test split at the end (off: "
+                                                             "validation only, e.g. for a learning-rate sweep)."})
+    dense_reference: bool = field(default=True, metadata={"help": "Also report the pretrained dense model + FLM "
+                                                                   "on the test split (a floor; one extra pass)."})
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
     report_to: str = field(default="none", metadata={"help": "Accelerate trackers: none, all, tensorboard, wandb."})
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when an accelerator is present."})

@@ -35,6 +35,9 @@ class PromptedSparseConfig(PreTrainedConfig):
         target_modules / exclude_modules: regular expressions matched (`re.search`) against module names of the base
             model; by default every `Conv2d` and `Linear` weight is pruned, the classifier included.
         mask_format: `scores` (trainable float scores, during a search) or `packed` (a frozen 1-bit mask).
+        min_layer_density (`float`, defaults to 0.01): every pruned layer, and every row of a pretrained head that
+            the label mapping reads, keeps at least this fraction of its weights (its largest scores), so no layer
+            collapses; the global count stays exact. 0 allows collapse (a warning names layers above 99%).
         pruned_layers: `[[module name, weight shape], ...]` (in flat-layout order) recorded at wrap time so that a checkpoint is only ever
             loaded onto a base model with the same shapes.
     Structured (channel) settings, PASS:
@@ -73,6 +76,7 @@ class PromptedSparseConfig(PreTrainedConfig):
     exclude_modules: list[str] | None = None
     mask_format: str = "scores"
     pruned_layers: list | None = None
+    min_layer_density: float = 0.01
 
     flops_ratio: float = 0.5
     channel_selection: str = "global"
@@ -143,6 +147,11 @@ class PromptedSparseConfig(PreTrainedConfig):
                 f"sparsity={self.sparsity} is outside [0, 1): it is the fraction of weights removed, e.g. 0.9 keeps "
                 "10% of the weights."
             )
+        if isinstance(self.min_layer_density, bool) or not isinstance(self.min_layer_density, (int, float)) or not (
+            0.0 <= float(self.min_layer_density) <= 1.0
+        ):
+            bad(f"min_layer_density={self.min_layer_density!r} must be in [0, 1] (0 allows a layer to lose every "
+                "weight).")
         choice("channel_selection", ("global", "uniform"))
         if isinstance(self.flops_ratio, bool) or not isinstance(self.flops_ratio, (int, float)) or not (
             0.0 < float(self.flops_ratio) <= 1.0

@@ -28,6 +28,18 @@ def greedy_assignment(counts: torch.Tensor) -> list[int]:
     return mapping
 
 
+def distinct_predictions(counts: torch.Tensor) -> int:
+    """How many source classes the network predicted at least once (rows of the count matrix with any count)."""
+    return int(torch.count_nonzero(counts.sum(dim=1)))
+
+
+def is_degenerate(counts: torch.Tensor) -> bool:
+    """A mapping from these counts is degenerate when the network predicted fewer distinct source classes than
+    there are target classes: the greedy assignment then gives some targets a source class it never predicted,
+    i.e. an arbitrary one (a collapsed network that predicts one class for every image maps [c, 0, 1, 2, ...])."""
+    return distinct_predictions(counts) < counts.shape[1]
+
+
 @torch.no_grad()
 def frequency_label_mapping(
     model,
@@ -37,12 +49,14 @@ def frequency_label_mapping(
     use_prompt: bool = False,
     reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
-) -> list[int]:
+    return_counts: bool = False,
+) -> list[int] | tuple[list[int], torch.Tensor]:
     """Frequency label mapping over a dataloader of `{"pixel_values", "labels"}` batches.
 
     `model` is a `PromptedSparseModel` (its masked network, without the label mapping, is used; un-prompted by
     default as in the paper). `reduce_fn` sums the count matrix across processes (e.g. `accelerator.reduce`), so
-    every rank gets the same mapping.
+    every rank gets the same mapping. `return_counts` also returns the (source x target) count matrix (see
+    `is_degenerate`).
     """
     was_training = model.training
     model.eval()
@@ -62,7 +76,8 @@ def frequency_label_mapping(
         raise ValueError("FLM got an empty dataloader; it needs the training set to count predictions.")
     if reduce_fn is not None:
         counts = reduce_fn(counts)
-    return greedy_assignment(counts.cpu())
+    mapping = greedy_assignment(counts.cpu())
+    return (mapping, counts.cpu()) if return_counts else mapping
 
 
 def find_classifier(model: nn.Module, num_outputs: int | None = None) -> tuple[str, nn.Linear]:

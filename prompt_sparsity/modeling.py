@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -18,12 +19,16 @@ from transformers import initialization as hf_init
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration import IMAGENET_MEAN, IMAGENET_STD, PromptedSparseConfig
-from .label_mapping import fold_label_mapping, set_labels
+from .label_mapping import find_classifier, fold_label_mapping, set_labels
 from .prompts import VisualPrompt
 from .sparsity.structured import ChannelSparsity
 from .sparsity.unstructured import (
+    COLLAPSE_WARNING_SPARSITY,
+    DEFAULT_MIN_LAYER_DENSITY,
     StraightThroughMask,
     ThresholdFinder,
+    collapsed_layers,
+    density_floors,
     find_prunable_layers,
     layout,
     mask_from_scores_,
@@ -40,12 +45,15 @@ class UnstructuredMask(nn.Module):
     """Holds either trainable float scores (`scores`, one per pruned weight, flat) or a frozen bit-packed mask
     (`mask_packed`). The hard 0/1 mask itself is derived, cached, and recomputed whenever the scores change."""
 
-    def __init__(self, layers, sparsity: float, threshold: str, mask_format: str):
+    def __init__(self, layers, sparsity: float, threshold: str, mask_format: str,
+                 min_density: float = DEFAULT_MIN_LAYER_DENSITY):
         super().__init__()
         self.layers = layers
         self.numel = sum(layer.numel for layer in layers)
         self.sparsity = float(sparsity)
         self.threshold = threshold
+        self.min_density = float(min_density)
+        self.protected_rows: dict[str, list[int]] = {}  # {head layer: the rows the label mapping reads}
         if mask_format == "scores":
             self.scores = nn.Parameter(torch.zeros(self.numel))
         else:
@@ -71,7 +79,8 @@ class UnstructuredMask(nn.Module):
         else:
             if self._mask is None or self._mask.shape != self.scores.shape or self._mask.device != self.scores.device:
                 self._mask = torch.empty_like(self.scores)
-            mask_from_scores_(self.scores.detach(), self._mask, self.layers, self.sparsity, self.threshold, self._finder)
+            mask_from_scores_(self.scores.detach(), self._mask, self.layers, self.sparsity, self.threshold,
+                              self._finder, self.floors())
         self._mask_source = self._source()
         return self._mask
 
@@ -80,6 +89,29 @@ class UnstructuredMask(nn.Module):
         if self._mask is None or self._mask_source != self._source():
             self.update_mask()
         return self._mask
+
+    def floors(self) -> list:
+        """The layer-collapse floors every mask computed here respects (see `density_floors`)."""
+        return density_floors(self.layers, self.min_density, self.protected_rows)
+
+    def protect_rows(self, layer_name: str, rows: list[int]) -> None:
+        """Give each of these rows of `layer_name` its own floor (the rows of a pretrained head that a label
+        mapping reads: the others never reach the output)."""
+        if any(layer.name == layer_name for layer in self.layers):
+            self.protected_rows = {layer_name: [int(r) for r in rows]}
+            self._mask_source = None
+
+    def warn_collapsed(self) -> dict[str, float]:
+        """Warn, naming them, about the layers of the current mask pruned above 99%."""
+        found = collapsed_layers(self.mask(), self.layers)
+        if found:
+            names = ", ".join(f"{n} ({100 * s:.2f}%)" for n, s in list(found.items())[:8])
+            warnings.warn(
+                f"{len(found)} pruned layer(s) are above {100 * COLLAPSE_WARNING_SPARSITY:.0f}% sparsity: {names}"
+                f"{' ...' if len(found) > 8 else ''}. A layer with (almost) no weights outputs constants; keep a "
+                "floor with min_layer_density (default 0.01) or exclude the layer (exclude_modules).",
+                UserWarning, stacklevel=3)
+        return found
 
     def layer_masks(self, differentiable: bool = False) -> dict[str, torch.Tensor]:
         flat = self.mask()
@@ -98,6 +130,7 @@ class UnstructuredMask(nn.Module):
         self.scores = None
         self.register_buffer("mask_packed", packed)
         self._mask_source = None
+        self.warn_collapsed()
 
     @torch.no_grad()
     def set_mask(self, flat_mask: torch.Tensor) -> None:
@@ -109,6 +142,7 @@ class UnstructuredMask(nn.Module):
             self.scores = None
         self.register_buffer("mask_packed", pack_mask(flat_mask).to(device))
         self._mask_source = None
+        self.warn_collapsed()
 
     def extra_repr(self) -> str:
         state = "frozen 1-bit mask" if self.frozen else "trainable scores"
@@ -161,7 +195,9 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         self.structure = None
         if config.sparsity_type == "unstructured":
             shapes = self._resolve_pruned_layers()
-            self.sparsity = UnstructuredMask(layout(shapes), config.sparsity, config.threshold, config.mask_format)
+            self.sparsity = UnstructuredMask(layout(shapes), config.sparsity, config.threshold, config.mask_format,
+                                             config.min_layer_density)
+            self._protect_mapped_rows()
         elif config.sparsity_type == "structured":
             self.structure = ChannelSparsity(config, self.model)  # shrinks self.model if already compacted
         self._forward_kwargs = self._base_forward_kwargs()
@@ -353,6 +389,17 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
             raise ValueError(f"id2label has {len(id2label)} classes but the mapping has {len(mapping)}.")
         self.config.label_mapping = mapping
         set_labels(self.config, id2label)
+        self._protect_mapped_rows()
+
+    def _protect_mapped_rows(self) -> None:
+        """Under a label mapping only the mapped rows of the pretrained head act: each keeps its own floor."""
+        if self.sparsity is None or self.config.label_mapping is None:
+            return
+        try:
+            name, _ = find_classifier(self.model)
+        except ValueError:  # no recognisable head: the per-layer floors still apply
+            return
+        self.sparsity.protect_rows(name, self.config.label_mapping)
 
     # ----------------------------------------------------------------------------------------------- stages
     def start_mask_search(self) -> None:

@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -23,10 +24,19 @@ from tqdm.auto import tqdm
 
 from .arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
 from .data import EpochShuffleSampler, load_image_dataset, make_dataloader
-from .label_mapping import frequency_label_mapping
+from .label_mapping import distinct_predictions, frequency_label_mapping, is_degenerate
 from .methods import Method, Prune, Stage, display_name, get_method
 from .metrics import load_metric
 from .modeling import PromptedSparseModel
+from .optim import (
+    HYPERNET_LR_RULE,
+    SCORE_LR_RULE,
+    SEARCH_PROMPT_LR_RULE,
+    STRUCTURE_PROMPT_LR_RULE,
+    build_optimizer,
+    resolve_lr,
+    schedule_fn,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,25 +67,6 @@ def short_name(name_or_path: str) -> str:
 
 def run_name(method: str, model_name: str, dataset: str, sparsity: float) -> str:
     return f"{method}-{short_name(model_name)}-{short_name(dataset)}-s{round(sparsity * 100)}"
-
-
-def cosine_schedule(total_steps: int, warmup_steps: int = 0):
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
-
-
-def multistep_schedule(total_steps: int, milestones=(0.5, 0.72), gamma: float = 0.1):
-    bounds = [int(m * total_steps) for m in milestones]
-
-    def fn(step: int) -> float:
-        return gamma ** sum(step >= b for b in bounds)
-
-    return fn
 
 
 def mask_digest(model: PromptedSparseModel) -> str:
@@ -175,7 +166,7 @@ class PruningRun:
                 min_channels=pargs.min_channels, hypernet_hidden_size=pargs.hypernet_hidden_size,
                 flops_penalty=pargs.flops_penalty,
                 target_modules=pargs.target_modules, exclude_modules=pargs.exclude_modules,
-                prompt_method=self.prompt_method, input_size=margs.input_size,
+                min_layer_density=pargs.min_layer_density, prompt_method=self.prompt_method, input_size=margs.input_size,
                 output_size=margs.output_size or margs.input_size, pad_size=margs.pad_size,
                 mask_size=margs.mask_size, prompt_at_inference=margs.prompt_at_inference and self.prompt_on,
             )
@@ -225,26 +216,38 @@ class PruningRun:
         return path
 
     # ------------------------------------------------------------------ stages
-    def _param_groups(self, kind: str):
+    def _param_groups(self, kind: str, total_steps: int):
+        """The stage's optimiser (one per group: `*_optimizer`) and each group's schedule (`*_schedule`); 'auto'
+        learning rates follow the stage's number of optimiser steps (`prompt_sparsity.optim`)."""
         pargs, model = self.prune_args, self.model
         prompt_params = [p for p in model.prompt.parameters()] if self.prompt_on else []
+
+        def group(params, lr_field, rule, optimizer, schedule, weight_decay=0.0):
+            lr = resolve_lr(getattr(pargs, lr_field), rule, total_steps, lr_field)
+            self.state.setdefault("learning_rates", {})[f"{kind}/{lr_field}"] = lr
+            return ({"params": params, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer}, schedule)
+
         if kind == "search":
-            groups = [{"params": [model.sparsity.scores], "lr": pargs.score_lr, "weight_decay": pargs.score_weight_decay}]
+            spec = [group([model.sparsity.scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
+                          pargs.score_schedule, pargs.score_weight_decay)]
             if prompt_params:
-                groups.append({"params": prompt_params, "lr": pargs.search_prompt_lr,
-                               "weight_decay": pargs.score_weight_decay})
-            return torch.optim.Adam(groups), ["cosine", pargs.search_prompt_schedule]
-        if kind == "structure_search":
-            groups = [{"params": list(model.structure.hypernetwork.parameters()), "lr": pargs.hypernet_lr}]
+                spec.append(group(prompt_params, "search_prompt_lr", SEARCH_PROMPT_LR_RULE,
+                                  pargs.search_prompt_optimizer, pargs.search_prompt_schedule,
+                                  pargs.score_weight_decay))
+        elif kind == "structure_search":
+            spec = [group(list(model.structure.hypernetwork.parameters()), "hypernet_lr", HYPERNET_LR_RULE,
+                          "adam", "cosine")]
             if prompt_params:
-                groups.append({"params": prompt_params, "lr": pargs.structure_prompt_lr})
-            return torch.optim.Adam(groups), ["cosine", "cosine"]
-        weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prompt.")]
-        groups = [{"params": weights, "lr": pargs.finetune_lr, "weight_decay": pargs.finetune_weight_decay}]
-        if prompt_params:
-            groups.append({"params": prompt_params, "lr": pargs.finetune_prompt_lr,
-                           "weight_decay": pargs.finetune_weight_decay})
-        return torch.optim.SGD(groups, momentum=pargs.momentum), ["cosine", "cosine"]
+                spec.append(group(prompt_params, "structure_prompt_lr", STRUCTURE_PROMPT_LR_RULE, "adam", "cosine"))
+        else:
+            weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("prompt.")]
+            spec = [group(weights, "finetune_lr", None, pargs.finetune_optimizer, pargs.finetune_schedule,
+                          pargs.finetune_weight_decay)]
+            if prompt_params:
+                spec.append(group(prompt_params, "finetune_prompt_lr", None, pargs.finetune_prompt_optimizer,
+                                  pargs.finetune_prompt_schedule, pargs.finetune_weight_decay))
+        groups, schedules = [g for g, _ in spec], [s for _, s in spec]
+        return build_optimizer(groups, momentum=pargs.momentum), schedules
 
     def _prepare_structure(self, kind: str) -> None:
         """Put the model in the state a stage starts from (before a checkpoint of that stage is loaded)."""
@@ -267,7 +270,6 @@ class PruningRun:
         self._prepare_structure(stage.kind)
         if epochs <= 0:
             return
-        optimizer, schedules = self._param_groups(stage.kind)
         steps = stage.steps or self.steps
         iters = len(self.loader_a if steps != "augmented" else self.loader_b)
         iters = math.ceil(iters / acc.num_processes)
@@ -275,8 +277,9 @@ class PruningRun:
             iters = min(iters, self.run_args.max_steps_per_epoch)
         per_iter = 2 if steps == "two" else 1
         total = max(1, epochs * iters * per_iter)
+        optimizer, schedules = self._param_groups(stage.kind, total)
         warmup = int(pargs.warmup_ratio * total)
-        fns = [cosine_schedule(total, warmup) if s == "cosine" else multistep_schedule(total) for s in schedules]
+        fns = [schedule_fn(s, total, warmup) for s in schedules]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fns[: len(optimizer.param_groups)])
         acc.free_memory()  # drop the previous stage's prepared objects
         model, optimizer, loader_a, loader_b = acc.prepare(self.model, optimizer, self.loader_a, self.loader_b)
@@ -351,17 +354,42 @@ class PruningRun:
         if self.model_args.head != "pretrained" or self.model.config.label_mapping is not None:
             return
         if not self.state.get("label_mapping"):
-            self.state["label_mapping"] = self.compute_label_mapping(self.model)
+            # FLM on the masked network (paper). When its predictions have collapsed (fewer distinct source classes
+            # than target classes, e.g. one class for every image), the mapping would be arbitrary: it is computed
+            # on the dense pretrained network instead, and results.json says so.
+            mapping, counts = self.compute_label_mapping(self.model, return_counts=True)
+            info = {"network": "masked", "distinct_predictions": distinct_predictions(counts)}
+            if is_degenerate(counts) and (self.model.sparsity is not None or self.model.structure is not None):
+                dense_mapping, dense_counts = self.compute_label_mapping(self.dense_copy(), return_counts=True)
+                info = {"network": "dense", "distinct_predictions": distinct_predictions(dense_counts),
+                        "masked_distinct_predictions": info["distinct_predictions"],
+                        "reason": f"the masked network predicts {info['distinct_predictions']} distinct source "
+                                  f"classes on the training set, fewer than the {self.data.num_labels} targets"}
+                self.log(f"label mapping: {info['reason']}; FLM computed on the dense pretrained network instead")
+                mapping = dense_mapping
+            self.state["label_mapping"] = mapping
+            self.state["label_mapping_info"] = info
         self.model.set_label_mapping(self.state["label_mapping"], self.data.id2label)
 
-    def compute_label_mapping(self, model) -> list[int]:
+    def compute_label_mapping(self, model, return_counts: bool = False):
         """Frequency label mapping over the training split, counts summed over processes."""
         loader = self.accelerator.prepare_data_loader(self.loader_a)
         loader.set_epoch(0)
         bar = lambda it: tqdm(it, desc="label mapping (FLM)", leave=False,  # noqa: E731
                               disable=not self.accelerator.is_local_main_process)
-        return frequency_label_mapping(model, loader, self.data.num_labels,
+        return frequency_label_mapping(model, loader, self.data.num_labels, return_counts=return_counts,
                                        reduce_fn=lambda t: self.accelerator.reduce(t, "sum"), progress=bar)
+
+    def dense_copy(self) -> PromptedSparseModel:
+        """A copy of the model with every weight / channel kept (the run's model is untouched)."""
+        dense = copy.deepcopy(self.model)
+        if dense.sparsity is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dense.set_mask(torch.ones(dense.sparsity.numel))
+        elif dense.structure is not None:
+            dense.structure.enabled = False
+        return dense
 
     def prune(self, step: Prune) -> None:
         if self.model.structure is not None:
@@ -439,7 +467,8 @@ class PruningRun:
             with open(os.path.join(resume, STATE_FILE)) as f:
                 self.state = json.load(f)
         if "dense_pretrained" not in self.state:  # before any pruning step touches the model
-            self.state["dense_pretrained"] = self.dense_reference() if self.model_args.head == "pretrained" else None
+            wanted = self.model_args.head == "pretrained" and self.run_args.dense_reference and self.run_args.eval_test
+            self.state["dense_pretrained"] = self.dense_reference() if wanted else None
         for idx, step in enumerate(self.method.plan):
             if resume and idx < self.state["stage"]:
                 continue
@@ -451,7 +480,8 @@ class PruningRun:
             self.train_stage(idx, step, resume_here)
             resume = None if resume_here else resume
         self.model.freeze_mask()
-        final = {split: self.evaluate_split(split) for split in ("validation", "test")}
+        final = {split: self.evaluate_split(split)
+                 for split in ("validation", "test") if split == "validation" or self.run_args.eval_test}
         results = self.results(final, time.perf_counter() - t_start)
         self.save(results)
         acc.end_training()
@@ -463,11 +493,7 @@ class PruningRun:
         fine-tuned dense reference (run --method dense for that). Computed on a copy: the run is untouched."""
         if self.model.sparsity is None and self.model.structure is None:
             return None
-        dense = copy.deepcopy(self.model)
-        if dense.sparsity is not None:
-            dense.set_mask(torch.ones(dense.sparsity.numel))
-        else:
-            dense.structure.enabled = False
+        dense = self.dense_copy()
         dense.set_label_mapping(self.compute_label_mapping(dense), self.data.id2label)
         return evaluate(dense, self.eval_loaders["test"], self.accelerator, use_prompt=False, desc="dense")
 
@@ -509,6 +535,8 @@ class PruningRun:
             "wall_time_s": wall,
             "train_images_per_s": (timings.get("train_images", 0) / train_s) if train_s else None,
             "label_mapping": model.config.label_mapping,
+            "label_mapping_source": self.state.get("label_mapping_info"),
+            "learning_rates": self.state.get("learning_rates"),
             "world_size": acc.num_processes,
             "device": str(acc.device),
             "torch_threads": torch.get_num_threads(),
@@ -561,7 +589,8 @@ class PruningRun:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    test = results["accuracy"]["test"]
+    split = "test" if "test" in results["accuracy"] else "validation"  # eval_test=False: validation only
+    test = {k.replace(f"{split}_", "test_", 1): v for k, v in results["accuracy"][split].items()}
     rows = []
     dense = results.get("dense_pretrained_flm")
     if dense:
@@ -575,9 +604,9 @@ def print_summary(results: dict[str, Any]) -> None:
         rows.append((f"{name} with prompt", f"{test['test_accuracy_prompt']:.2f}", sp))
     rows.append((f"{name} without prompt", f"{test['test_accuracy_no_prompt']:.2f}", sp))
     width = max(len(r[0]) for r in rows)
-    lines = [f"\n{results['name']}  ({results['dataset']}, {results['samples']['test']} test images, "
+    lines = [f"\n{results['name']}  ({results['dataset']}, {results['samples'][split]} {split} images, "
              f"input {results['input_size']}px)",
-             f"{'model':<{width}}  {'test acc %':>10}  {'sparsity':>12}",
+             f"{'model':<{width}}  {split[:4] + ' acc %':>10}  {'sparsity':>12}",
              f"{'-' * width}  {'-' * 10}  {'-' * 12}"]
     lines += [f"{r[0]:<{width}}  {r[1]:>10}  {r[2]:>12}" for r in rows]
     for key, entry in (results.get("latency") or {}).items():
@@ -609,7 +638,7 @@ class TransferRun(PruningRun):
         )
         prune_args = dataclasses.replace(
             prune_args, sparsity=c.sparsity, threshold=c.threshold, target_modules=c.target_modules,
-            exclude_modules=c.exclude_modules, flops_ratio=c.flops_ratio, channel_selection=c.channel_selection,
+            exclude_modules=c.exclude_modules, min_layer_density=c.min_layer_density, flops_ratio=c.flops_ratio, channel_selection=c.channel_selection,
             min_channels=c.min_channels, hypernet_hidden_size=c.hypernet_hidden_size,
         )
         super().__init__(model_args, data_args, prune_args, run_args, method=transfer_plan(c, transfer_args))

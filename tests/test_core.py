@@ -184,8 +184,8 @@ def test_merge_and_unload(saved, arch, tmp_path):
     # Plain transformers saves and reloads it with identical logits.
     plain.save_pretrained(tmp_path)
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(reloaded(normalised).logits, plain(normalised).logits)
+    with torch.no_grad():  # float tolerance: CPU conv kernels differ in the last bit with weight alignment
+        torch.testing.assert_close(reloaded(normalised).logits, plain(normalised).logits, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["resnet_basic", "vit", "timm_efficientnet"])

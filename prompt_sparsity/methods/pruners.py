@@ -23,7 +23,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..sparsity.unstructured import num_pruned
+from ..sparsity.unstructured import Floor, num_pruned, select_with_floors_
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def synflow_importance(
                     "or a smaller input_size."
                 )
             importance = scores.masked_fill_(mask == 0, -1.0)
-            mask = _select(importance, layers, s_i, threshold).to(dtype)
+            mask = _select(importance, layers, s_i, threshold, model.sparsity.floors()).to(dtype)
     return importance
 
 
@@ -320,15 +320,17 @@ def _prune_smallest_(values: torch.Tensor, out: torch.Tensor, k: int) -> None:
 
 
 @torch.no_grad()
-def _select(importance: torch.Tensor, layers, sparsity: float, threshold: str) -> torch.Tensor:
+def _select(importance: torch.Tensor, layers, sparsity: float, threshold: str, floors=()) -> torch.Tensor:
     values = importance.detach().reshape(-1)
     mask = torch.empty(values.shape, dtype=torch.float32, device=values.device)
     if threshold == "global":
-        _prune_smallest_(values, mask, num_pruned(sparsity, values.numel()))
+        select_with_floors_(values, mask, num_pruned(sparsity, values.numel()), _prune_smallest_, list(floors))
     else:
         for layer in layers:
             sl = slice(layer.offset, layer.offset + layer.numel)
-            _prune_smallest_(values[sl], mask[sl], num_pruned(sparsity, layer.numel))
+            inside = [Floor(f.start - layer.offset, f.length, f.min_keep) for f in floors
+                      if layer.offset <= f.start < layer.offset + layer.numel]
+            select_with_floors_(values[sl], mask[sl], num_pruned(sparsity, layer.numel), _prune_smallest_, inside)
     return mask
 
 
@@ -345,7 +347,7 @@ def mask_from_importance(model, importance: torch.Tensor, sparsity: float, thres
         )
     if torch.isnan(importance).any():
         raise ValueError("importance contains NaN; cannot rank the weights.")
-    return _select(importance, layers, sparsity, threshold)
+    return _select(importance, layers, sparsity, threshold, model.sparsity.floors())
 
 
 # --------------------------------------------------------------------------------------------------- one shot

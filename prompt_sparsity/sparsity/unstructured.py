@@ -152,6 +152,89 @@ class ThresholdFinder:
         return tau, a
 
 
+# ------------------------------------------------------------------------------------------ layer-collapse floor
+# A global threshold can empty whole layers (at 90% the scaled init empties the classifier of MobileNetV2 and
+# EfficientNet, and the label-mapped rows of a 1000-way head keep 0.3% of their weights): the network then
+# outputs constants. A floor keeps, in every group, at least `min_keep` weights (the group's largest scores) and
+# takes the difference from the rest of the network, so the global count stays exact.
+DEFAULT_MIN_LAYER_DENSITY = 0.01
+COLLAPSE_WARNING_SPARSITY = 0.99
+
+
+@dataclass(frozen=True)
+class Floor:
+    """At least `min_keep` of the `length` weights starting at `start` (flat layout) are kept."""
+
+    start: int
+    length: int
+    min_keep: int
+
+
+def density_floors(layers: list[PrunedLayer], min_density: float,
+                   protected_rows: dict[str, list[int]] | None = None) -> list[Floor]:
+    """One floor per pruned layer (ceil(min_density * numel) weights) and one per protected row (e.g. the rows of
+    a pretrained head that the label mapping reads: each keeps ceil(min_density * row length)). Empty when
+    `min_density` is 0 (collapse allowed: asked for)."""
+    if not min_density:
+        return []
+    if not 0.0 < min_density <= 1.0:
+        raise ValueError(f"min_layer_density={min_density} must be in [0, 1] (0 disables the floor).")
+    floors = [Floor(layer.offset, layer.numel, math.ceil(min_density * layer.numel)) for layer in layers]
+    by_name = {layer.name: layer for layer in layers}
+    for name, rows in (protected_rows or {}).items():
+        layer = by_name.get(name)
+        if layer is None:
+            continue
+        row = layer.numel // layer.shape[0]
+        floors += [Floor(layer.offset + r * row, row, math.ceil(min_density * row)) for r in rows]
+    return floors
+
+
+@torch.no_grad()
+def select_with_floors_(values: torch.Tensor, mask: torch.Tensor, k: int, prune_fn, floors: list[Floor],
+                        by_magnitude: bool = False) -> None:
+    """`prune_fn(values, mask, k)` writes an exact mask pruning the k smallest (of |values| with `by_magnitude`);
+    then every floor group that kept fewer than `min_keep` gets its `min_keep` largest entries forced in (set to
+    +inf in a copy of `values`) and the selection is redone, until no group is below its floor. `values`, `mask`
+    and the floors share one flat layout starting at 0."""
+    prune_fn(values, mask, k)
+    if not floors:
+        return
+    forced: set[Floor] = set()
+    for _ in range(len(floors) + 1):
+        short = [f for f in floors if f not in forced
+                 and int(torch.count_nonzero(mask[f.start:f.start + f.length])) < min(f.min_keep, f.length)]
+        if not short:
+            return
+        if not forced:
+            values = values.clone()
+        for f in short:
+            sl = slice(f.start, f.start + f.length)
+            key = values[sl].abs() if by_magnitude else values[sl]
+            top = torch.topk(key, min(f.min_keep, f.length), sorted=False).indices
+            values[sl][top] = float("inf")
+            forced.add(f)
+        need, free = int(torch.isinf(values).sum()), values.numel() - k
+        if need > free:
+            raise ValueError(
+                f"the layer-collapse floor needs {need:,} kept weights but sparsity keeps only {free:,}; lower "
+                "min_layer_density (0 disables the floor) or the sparsity.")
+        prune_fn(values, mask, k)
+    raise RuntimeError("layer-collapse floor did not converge")  # unreachable: each pass forces a new group
+
+
+def collapsed_layers(mask: torch.Tensor, layers: list[PrunedLayer],
+                     limit: float = COLLAPSE_WARNING_SPARSITY) -> dict[str, float]:
+    """{layer name: sparsity} for every layer of the flat 0/1 `mask` pruned above `limit`."""
+    out = {}
+    for layer in layers:
+        kept = int(torch.count_nonzero(mask[layer.offset:layer.offset + layer.numel]))
+        sparsity = 1.0 - kept / layer.numel
+        if sparsity > limit:
+            out[layer.name] = sparsity
+    return out
+
+
 @torch.no_grad()
 def mask_from_scores_(
     scores: torch.Tensor,
@@ -160,15 +243,24 @@ def mask_from_scores_(
     sparsity: float,
     threshold: str = "global",
     finder: ThresholdFinder | None = None,
+    floors: list[Floor] | None = None,
 ) -> torch.Tensor:
     """Write the hard mask (1 = keep) for `scores` into `mask` in place, pruning exactly floor(sparsity * n)
-    weights globally (or per layer). Ties at the threshold are broken by position so the count is exact."""
+    weights globally (or per layer). Ties at the threshold are broken by position so the count is exact. `floors`
+    (see `density_floors`) keep a minimum of weights in each layer / protected row."""
+    floors = floors or []
     if threshold == "global":
-        _mask_slice_(scores, mask, num_pruned(sparsity, scores.numel()), finder or ThresholdFinder())
+        finder = finder or ThresholdFinder()
+        select_with_floors_(scores, mask, num_pruned(sparsity, scores.numel()),
+                            lambda v, m, k: _mask_slice_(v, m, k, finder), floors, by_magnitude=True)
     else:
         for layer in layers:
             sl = slice(layer.offset, layer.offset + layer.numel)
-            _mask_slice_(scores[sl], mask[sl], num_pruned(sparsity, layer.numel), ThresholdFinder())
+            inside = [Floor(f.start - layer.offset, f.length, f.min_keep) for f in floors
+                      if layer.offset <= f.start < layer.offset + layer.numel]
+            local = ThresholdFinder()
+            select_with_floors_(scores[sl], mask[sl], num_pruned(sparsity, layer.numel),
+                                lambda v, m, k: _mask_slice_(v, m, k, local), inside, by_magnitude=True)
     return mask
 
 
