@@ -19,7 +19,6 @@ import base64
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -253,12 +252,13 @@ def load_training_checkpoint(accelerator, path: str, meta: Mapping[str, Any], *,
     if ignored and accelerator.is_main_process:
         logger.warning("%s: ignoring %s (pickle files are never loaded; this checkpoint format does not use them)",
                        path, ", ".join(ignored))
-    load_model(accelerator.unwrap_model(model), os.path.join(path, MODEL_FILE), strict=True,
-               device=str(accelerator.device))
+    # Read to CPU (safetensors refuses names like "cpu:0" that DDP on CPU reports); load_state_dict copies the
+    # tensors onto the model's own device.
+    load_model(accelerator.unwrap_model(model), os.path.join(path, MODEL_FILE), strict=True, device="cpu")
     file = os.path.join(path, OPTIMIZER_FILE)
     try:
         optimizer_state = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for a planted pickle, others for a damaged file
         raise CheckpointError(
             f"{file} is not a plain tensor file (loading it with weights_only=True was refused: "
             f"{str(e).splitlines()[0]}). It was not written by this library or is damaged; it was not executed. "
@@ -348,9 +348,9 @@ def _interrupted_saves(output_dir: str) -> list[str]:
 
 
 def check_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) -> None:
-    """Refuse a new run into a folder whose saved work it would replace or mix with:
-    a finished run (its model/results.json) unless `overwrite`, or resuming from a checkpoint of another folder;
-    checkpoints of an unfinished run unless resuming it or `overwrite`."""
+    """Refuse a run into a folder whose saved work it would replace or mix with, unless `overwrite`: a finished run
+    (its model/results.json) or checkpoints of an unfinished one, except when resuming from those checkpoints
+    ('latest' or a folder under `<output_dir>/checkpoints`; the settings check then makes sure it is this run)."""
     if overwrite:
         return
     fixes = ("pass --overwrite_output_dir to replace it, --resume_from_checkpoint latest to continue the run "
@@ -364,10 +364,11 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) ->
                 else "a new run would replace it")
         raise OutputDirError(f"{output_dir} already holds a saved run ({', '.join(finished)}); {what}: {fixes}."
                              + note)
-    if not resume and list_checkpoints(output_dir):
+    if list_checkpoints(output_dir) and not inside:
+        what = ("resuming from a checkpoint of another folder would add its run's checkpoints to them" if resume
+                else "a new run would mix with them")
         raise OutputDirError(f"{output_dir} holds checkpoints of an unfinished run "
-                             f"({os.path.join(output_dir, 'checkpoints')}); a new run would mix with them: {fixes}."
-                             + note)
+                             f"({os.path.join(output_dir, 'checkpoints')}); {what}: {fixes}." + note)
 
 
 def _is_inside(path: str, folder: str) -> bool:
@@ -456,8 +457,8 @@ def lost_processes_message(num_processes: int, environ: Mapping[str, str] | None
     return (f"`accelerate launch` was asked for {asked} but started only this one: its simple launcher (used for "
             "--cpu, or a config with distributed_type NO/MULTI_CPU without MPI) runs a single process. For "
             f"{n} CPU processes run `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {n} "
-            "recipes/<recipe>.py ... --cpu` (DDP over gloo; --cpu goes after the recipe, as a recipe flag); for "
-            "one process, drop --num_processes.")
+            "recipes/<recipe>.py ... --cpu` (DDP over gloo; --cpu goes after the recipe, as a recipe flag); on GPUs, "
+            f"`accelerate launch --multi_gpu --num_processes {n}` with {n} GPUs; for one process, drop --num_processes.")
 
 
 def check_launch(num_processes: int, environ: Mapping[str, str] | None = None,

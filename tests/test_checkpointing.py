@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_model
+from tiny_models import launch_two_cpu_processes, tiny_model
 
 from prompt_sparsity import PromptedSparseModel, checkpointing
 from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
@@ -119,6 +119,20 @@ def test_old_accelerate_checkpoint_is_refused_clearly(base_dir, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_two_process_checkpoint_resumes_exactly_and_only_with_two(base_dir, tmp_path):
+    """Every rank writes and restores its own RNG state; the checkpoint records world_size."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch_two_cpu_processes("vpns.py", base_dir, full, "--input_size", "16", "--pad_size", "2")
+    ckpt = full / "checkpoints" / "stage0-epoch0"
+    assert {"rng_state_0.json", "rng_state_1.json"} <= set(os.listdir(ckpt))
+    launch_two_cpu_processes("vpns.py", base_dir, resumed, "--input_size", "16", "--pad_size", "2",
+                             "--resume_from_checkpoint", str(ckpt))
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="world_size: checkpoint 2, now 1"):
+        run_pruning(*args(base_dir, tmp_path / "one", resume_from_checkpoint=str(ckpt)))
+
+
 # --------------------------------------------------------------------------------------------------- settings
 def test_resume_with_other_settings_is_refused(base_dir, finished, tmp_path):
     ckpt = finished / "checkpoints" / "stage0-epoch0"
@@ -195,6 +209,10 @@ def test_unfinished_run_is_not_mixed_with_a_new_one(base_dir, finished, tmp_path
     with pytest.raises(OutputDirError, match=rf"{run} holds checkpoints of an unfinished run.*--overwrite_output_dir"
                                              r".*--resume_from_checkpoint latest"):
         run_pruning(*args(base_dir, run))
+    with pytest.raises(OutputDirError, match="resuming from a checkpoint of another folder would add"):
+        run_pruning(*args(base_dir, run, resume_from_checkpoint=str(finished / "checkpoints" / "stage0-epoch0")))
+    results = run_pruning(*args(base_dir, run, resume_from_checkpoint="latest"))  # continuing it is the fix
+    assert results["accuracy"] == json.load(open(finished / "results.json"))["accuracy"]
 
 
 def _write_output(tag):
