@@ -165,9 +165,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------- checkpoints
 def write_checkpoint_atomically(accelerator, path: str, write_shared: Callable[[str], None],
                                 write_per_process: Callable[[str], None], state: dict[str, Any]) -> None:
-    """Write a checkpoint into `<path>.partial` (the main process its shared files, every process its own) and,
-    once all have written, `trainer_state.json` last and a rename into place: a crash leaves either the old
-    checkpoint or the new one, never a mix, and a half-written one is never found (its name starts with '.')."""
+    """Write a checkpoint into `.partial-<name>` beside it (the main process its shared files, every process its
+    own) and, once all have written, `trainer_state.json` last and a rename into place: a crash leaves the old
+    checkpoint or the new one, never a mix, and a half-written one is never resumed (its name starts with '.')."""
     parent, name = os.path.split(os.path.abspath(path))
     staging = os.path.join(parent, f".partial-{name}")
     if accelerator.is_main_process:
