@@ -123,6 +123,11 @@ class RunArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest one in output_dir."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already saved in output_dir (its checkpoints/ folder is kept); without it a "
+                          "folder holding a finished or unfinished run is refused."},
+    )
     checkpointing: bool = field(default=True, metadata={"help": "Save the training state after each epoch."})
     eval_test: bool = field(default=True, metadata={"help": "Evaluate on the test split at the end (off: "
                                                              "validation only, e.g. for a learning-rate sweep)."})

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from typing import Any
@@ -23,6 +22,18 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from .arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
+from .checkpointing import (
+    STATE_FILE,
+    check_launch,
+    check_output_dir,
+    load_training_checkpoint,
+    publish_output,
+    read_checkpoint_state,
+    resolve_resume_checkpoint,
+    run_settings,
+    save_training_checkpoint,
+    write_json_atomic,
+)
 from .data import EpochShuffleSampler, load_image_dataset, make_dataloader
 from .label_mapping import distinct_predictions, frequency_label_mapping, is_degenerate
 from .methods import Method, Prune, Stage, display_name, get_method
@@ -40,24 +51,8 @@ from .optim import (
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-
 
 # --------------------------------------------------------------------------------------------------- helpers
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON next to `path` and rename it into place: a crash never leaves a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions of an ordinary one
-    os.replace(tmp, path)
-
-
 def short_name(name_or_path: str) -> str:
     base = os.path.basename(os.path.normpath(name_or_path)).lower()
     aliases = {"efficientnet-lite0": "effl0", "resnet-18": "r18", "resnet-50": "r50", "fashion_mnist": "fmnist",
@@ -96,17 +91,6 @@ def evaluate(model, dataloader, accelerator: Accelerator, *, use_prompt: bool, d
     }
 
 
-class _SchedulerSlot:
-    scheduler = None
-
-    def state_dict(self):
-        return self.scheduler.state_dict() if self.scheduler is not None else {}
-
-    def load_state_dict(self, state):
-        if self.scheduler is not None and state:
-            self.scheduler.load_state_dict(state)
-
-
 # --------------------------------------------------------------------------------------------------- runner
 class PruningRun:
     """One run of one method: the model, the data, the plan, and the state needed to resume."""
@@ -135,10 +119,7 @@ class PruningRun:
             # `accelerate launch` sets OMP_NUM_THREADS=1; on CPU give each process its share of the cores.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             torch.set_num_threads(run_args.torch_threads or max(1, cores // self.accelerator.num_processes))
-        # The LR scheduler is stepped by us once per optimiser step (not prepared: accelerate would step it once per
-        # process); a fixed slot registered once is checkpointed, whatever the stage's scheduler is.
-        self._scheduler_slot = _SchedulerSlot()
-        self.accelerator.register_for_checkpointing(self._scheduler_slot)
+        check_launch(self.accelerator.num_processes)  # `accelerate launch --cpu --num_processes 2` runs one process
         self.state: dict[str, Any] = {"stage": 0, "epoch": -1, "history": [], "timings": {}, "label_mapping": None}
 
     # ------------------------------------------------------------------ setup
@@ -196,24 +177,19 @@ class PruningRun:
     def checkpoint_dir(self, stage: int, epoch: int) -> str:
         return os.path.join(self.output_dir, "checkpoints", f"stage{stage}-epoch{epoch}")
 
+    def settings(self) -> dict[str, Any]:
+        """The settings that define this run's result, recorded in every checkpoint (`checkpointing.run_settings`)."""
+        return run_settings(self.all_args(), world_size=self.accelerator.num_processes)
+
+    def settings_defaults(self) -> dict[str, Any]:
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for args in self._argument_groups() for f in dataclasses.fields(args)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
     def find_resume_checkpoint(self) -> str | None:
-        path = self.run_args.resume_from_checkpoint
-        if not path:
-            return None
-        if path == "latest":
-            root = os.path.join(self.output_dir, "checkpoints")
-            found = sorted(
-                (d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, STATE_FILE)))
-                if os.path.isdir(root) else [],
-                key=lambda d: tuple(int(x) for x in re.findall(r"\d+", d)),
-            )
-            if not found:
-                raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {root}.")
-            path = os.path.join(root, found[-1])
-        if not os.path.isfile(os.path.join(path, STATE_FILE)):
-            raise ValueError(f"{path} is not a checkpoint of this recipe (no {STATE_FILE}); pass a folder under "
-                             f"<output_dir>/checkpoints/ or 'latest'.")
-        return path
+        """The checkpoint to resume from: only one of this run (same settings), see `resolve_resume_checkpoint`."""
+        return resolve_resume_checkpoint(self.run_args.resume_from_checkpoint, self.output_dir, self.settings(),
+                                         self.settings_defaults())
 
     # ------------------------------------------------------------------ stages
     def _param_groups(self, kind: str, total_steps: int):
@@ -283,10 +259,13 @@ class PruningRun:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fns[: len(optimizer.param_groups)])
         acc.free_memory()  # drop the previous stage's prepared objects
         model, optimizer, loader_a, loader_b = acc.prepare(self.model, optimizer, self.loader_a, self.loader_b)
-        self._scheduler_slot.scheduler = scheduler  # checkpointed through the slot registered once in __init__
+        # The LR scheduler is stepped by us once per optimiser step (not prepared: accelerate would step it once per
+        # process); its state goes into trainer_state.json, never into a pickle.
+        self._optimizer, self._scheduler = optimizer, scheduler
         start_epoch = 0
         if resume_from is not None:
-            acc.load_state(resume_from)
+            load_training_checkpoint(acc, resume_from, self._resume_meta, model=model, optimizer=optimizer,
+                                     scheduler=scheduler)
             start_epoch = self.state["epoch"] + 1
             self.log(f"resumed {stage.kind} at epoch {start_epoch} from {resume_from}")
         images, t0 = 0, time.perf_counter()
@@ -330,13 +309,10 @@ class PruningRun:
         timings["train_s"] = timings.get("train_s", 0.0) + elapsed
 
     def save_checkpoint(self, stage: int, epoch: int) -> None:
-        path = self.checkpoint_dir(stage, epoch)
-        self.accelerator.save_state(path)
-        if self.accelerator.is_main_process:
-            write_json_atomic(os.path.join(path, STATE_FILE), {
-                **self.state, "mask_format": self.model.config.mask_format,
-            })
-        self.accelerator.wait_for_everyone()
+        save_training_checkpoint(self.accelerator, self.checkpoint_dir(stage, epoch), model=self.model,
+                                 optimizer=self._optimizer, scheduler=self._scheduler,
+                                 state={**self.state, "mask_format": self.model.config.mask_format},
+                                 settings=self.settings())
 
     def evaluate_split(self, split: str) -> dict[str, float]:
         """Accuracy with and without the prompt (just once when there is no prompt)."""
@@ -458,14 +434,17 @@ class PruningRun:
     def run(self) -> dict[str, Any]:
         acc = self.accelerator
         t_start = time.perf_counter()
+        # Before anything is built or written: refuse a folder holding another run, and a checkpoint of other
+        # settings (every process checks the same files, so all of them stop).
+        check_output_dir(self.output_dir, overwrite=self.run_args.overwrite_output_dir,
+                         resume=self.run_args.resume_from_checkpoint)
+        resume = self.find_resume_checkpoint()
+        if resume:
+            self.state, self._resume_meta = read_checkpoint_state(resume)
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
         self.build()
         acc.init_trackers(self.name, config={k: str(v) for k, v in self.all_args().items()})
-        resume = self.find_resume_checkpoint()
-        if resume:
-            with open(os.path.join(resume, STATE_FILE)) as f:
-                self.state = json.load(f)
         if "dense_pretrained" not in self.state:  # before any pruning step touches the model
             wanted = self.model_args.head == "pretrained" and self.run_args.dense_reference and self.run_args.eval_test
             self.state["dense_pretrained"] = self.dense_reference() if wanted else None
@@ -497,9 +476,12 @@ class PruningRun:
         dense.set_label_mapping(self.compute_label_mapping(dense), self.data.id2label)
         return evaluate(dense, self.eval_loaders["test"], self.accelerator, use_prompt=False, desc="dense")
 
+    def _argument_groups(self) -> tuple:
+        return (self.model_args, self.data_args, self.prune_args, self.run_args)
+
     def all_args(self) -> dict[str, Any]:
         out = {}
-        for args in (self.model_args, self.data_args, self.prune_args, self.run_args):
+        for args in self._argument_groups():
             out.update(dataclasses.asdict(args))
         return out
 
@@ -574,12 +556,16 @@ class PruningRun:
         acc = self.accelerator
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
-        model.save_pretrained(self.output_dir, is_main_process=acc.is_main_process, save_function=acc.save)
         if acc.is_main_process:
-            write_json_atomic(os.path.join(self.output_dir, "results.json"), results)
+            # Staged and renamed into place (`publish_output`): a crash never leaves new config beside old weights.
+            def write(staging: str) -> None:
+                model.save_pretrained(staging, save_function=acc.save)
+                write_json_atomic(os.path.join(staging, "results.json"), results)
+
+            publish_output(self.output_dir, write)
             print_summary(results)
         acc.wait_for_everyone()
-        if self.run_args.push_to_hub:
+        if self.run_args.push_to_hub:  # only once the local save is complete
             from .hub import push_subnetwork
 
             if acc.is_main_process:
@@ -653,6 +639,9 @@ class TransferRun(PruningRun):
         super().build()
         if self.model.structure is None or self.transfer_args.adapt_hypernetwork:
             self.apply_transfer()
+
+    def _argument_groups(self) -> tuple:
+        return (*super()._argument_groups(), self.transfer_args)  # the source subnetwork is a setting of the run
 
     def apply_transfer(self) -> None:
         from .transfer import apply_subnetwork

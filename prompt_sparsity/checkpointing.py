@@ -1,0 +1,469 @@
+"""Checkpoints and output folders that lose nothing and load nothing unsafe.
+
+- A training checkpoint is our own format, not `accelerator.save_state`: accelerate reloads registered custom
+  objects with `torch.load(weights_only=False)` (a crafted `custom_checkpoint_0.pkl` runs code) and its RNG and
+  optimizer files are pickles whose safety depends on its version. Ours: `model.safetensors`, `optimizer.pt`
+  (tensors and numbers only, read with `weights_only=True`), `rng_state_<rank>.json` and `trainer_state.json`
+  (the run state, the LR scheduler state and the run's settings). Nothing else in a checkpoint folder is read.
+- Every checkpoint records the settings that define the run's result (`run_settings`); resuming refuses a
+  checkpoint of other settings with the list of differences, and `latest` picks only checkpoints of this run.
+- A new run refuses a folder that holds a finished run or an unfinished one (`check_output_dir`).
+- Checkpoints and the final output are written in a staging folder and renamed into place, so a crash never leaves
+  a folder that mixes two runs' files (`write_checkpoint_atomically`, `publish_output`).
+- `check_launch` turns `accelerate launch --cpu --num_processes 2` (which starts one process) into a clear error.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state_{rank}.json"
+CHECKPOINT_FORMAT = 2  # 1 = accelerate's save_state with a pickled scheduler (never loaded)
+
+# RunArguments/DataArguments/PruningArguments fields that change how a run is carried out or where it is written,
+# not what it computes; every other field (also ones added later) is a setting a checkpoint must match.
+NOT_SETTINGS = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "checkpointing", "report_to", "torch_threads",
+    "cpu", "push_to_hub", "hub_model_id", "hub_private", "dataloader_num_workers", "per_device_eval_batch_size",
+    "latency_batch_sizes",
+})
+# Settings that name a file or folder: compared as real paths, so `./base` and `/abs/base` are the same run.
+_PATH_SETTINGS = ("model_name_or_path", "dataset_name", "subnetwork")
+
+# Files of a final output (save_pretrained + results.json) that a new one replaces.
+_OUTPUT_FILE = re.compile(r"^(config\.json|results\.json|preprocessor_config\.json|generation_config\.json|"
+                          r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
+                          r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?)$")
+# What makes a folder a loadable model or a claimed result: moved out first, moved in last.
+_DEFINING_FILES = ("config.json", "results.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (another run's settings, an old or damaged format)."""
+
+
+class OutputDirError(ValueError):
+    """An output folder a new run would overwrite or mix with."""
+
+
+# --------------------------------------------------------------------------------------------------- files
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON next to `path` and rename it into place: a crash never leaves a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions of an ordinary one
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------- settings
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_settings(args: Mapping[str, Any], *, world_size: int) -> dict[str, Any]:
+    """The settings that define a run's result: every argument except the operational ones in `NOT_SETTINGS`,
+    local paths made absolute, plus the number of processes (it changes the global batch and the RNG streams)."""
+    out = {}
+    for key, value in args.items():
+        if key in NOT_SETTINGS:
+            continue
+        if key in _PATH_SETTINGS and isinstance(value, str) and os.path.exists(value):
+            value = os.path.realpath(value)
+        out[key] = _jsonable(value)
+    out["world_size"] = int(world_size)
+    return out
+
+
+def settings_differences(recorded: Mapping[str, Any], current: Mapping[str, Any],
+                         defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """`name: checkpoint X, now Y` for each setting that differs. A setting the checkpoint does not record (it
+    was added to the library later) counts as its default, so old checkpoints of default runs still resume."""
+    defaults = defaults or {}
+    missing = object()
+    diffs = []
+    for key in sorted(set(recorded) | set(current)):
+        old = recorded.get(key, _jsonable(defaults[key]) if key in defaults else missing)
+        new = current.get(key, missing)
+        if old != new:
+            show = lambda v: "(not recorded)" if v is missing else json.dumps(v)  # noqa: E731
+            diffs.append(f"{key}: checkpoint {show(old)}, now {show(new)}")
+    return diffs
+
+
+# --------------------------------------------------------------------------------------------------- RNG
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states as plain JSON: the same set accelerate saves, no pickle."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(py_state), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in py_state), None if gauss is None else float(gauss)))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def write_checkpoint_atomically(accelerator, path: str, write_shared: Callable[[str], None],
+                                write_per_process: Callable[[str], None], state: dict[str, Any]) -> None:
+    """Write a checkpoint into `.partial-<name>` beside it (the main process its shared files, every process its
+    own) and, once all have written, `trainer_state.json` last and a rename into place: a crash leaves the old
+    checkpoint or the new one, never a mix, and a half-written one is never resumed (its name starts with '.')."""
+    parent, name = os.path.split(os.path.abspath(path))
+    staging = os.path.join(parent, f".partial-{name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash: never resumed, rewritten now
+        os.makedirs(staging)
+    accelerator.wait_for_everyone()
+    write_per_process(staging)
+    if accelerator.is_main_process:
+        write_shared(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for entry in os.listdir(staging):
+            _fsync(os.path.join(staging, entry))
+        write_json_atomic(os.path.join(staging, STATE_FILE), state)
+        _fsync(staging)
+        replaced = None
+        if os.path.exists(path):  # the same epoch again (after a resume or an overwrite): swap, then drop the old
+            replaced = os.path.join(parent, f".replaced-{name}")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(path, replaced)
+        os.replace(staging, path)
+        _fsync(parent)
+        if replaced:
+            shutil.rmtree(replaced, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def save_training_checkpoint(accelerator, path: str, *, model, optimizer, scheduler, state: dict[str, Any],
+                             settings: dict[str, Any]) -> None:
+    """The training state at the end of an epoch: model (safetensors), optimizer (`torch.save` of tensors and
+    numbers), every process's RNG (JSON), and the run state + scheduler + settings (`trainer_state.json`)."""
+    from safetensors.torch import save_model
+
+    unwrapped = accelerator.unwrap_model(model)
+
+    def shared(staging: str) -> None:
+        save_model(unwrapped, os.path.join(staging, MODEL_FILE), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), os.path.join(staging, OPTIMIZER_FILE))
+
+    def per_process(staging: str) -> None:
+        with open(os.path.join(staging, RNG_FILE.format(rank=accelerator.process_index)), "w") as f:
+            json.dump(rng_state(), f)
+
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "settings": settings,
+        "scheduler": scheduler.state_dict(),
+        "accelerator_step": int(accelerator.step),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+    }
+    write_checkpoint_atomically(accelerator, path, shared, per_process, {**state, "checkpoint": meta})
+
+
+def read_checkpoint_state(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run state, checkpoint metadata) of a checkpoint folder; a legacy or damaged one is refused clearly."""
+    file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path} is not a checkpoint of this recipe (no {STATE_FILE}); pass a folder under "
+                              f"<output_dir>/checkpoints/ or 'latest'.")
+    try:
+        with open(file) as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); the checkpoint is damaged: resume from an earlier "
+                              "one in the same checkpoints/ folder.") from e
+    meta = state.pop("checkpoint", None) if isinstance(state, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or "settings" not in meta:
+        raise CheckpointError(
+            f"{path} was written by an older prompt_sparsity (accelerate's save_state, with the LR scheduler in a "
+            "pickle that is never loaded) and records no run settings, so it cannot be resumed safely. Start the "
+            "run again: --overwrite_output_dir, or another --output_dir.")
+    return state, meta
+
+
+def load_training_checkpoint(accelerator, path: str, meta: Mapping[str, Any], *, model, optimizer,
+                             scheduler) -> None:
+    """Restore what `save_training_checkpoint` wrote. Reads only safetensors, JSON and a `weights_only=True`
+    optimizer file; any other file (a `*.pkl` of an old format or a planted one) is never opened."""
+    from safetensors.torch import load_model
+
+    ignored = sorted(f for f in os.listdir(path) if f.endswith((".pkl", ".bin", ".pickle")))
+    if ignored and accelerator.is_main_process:
+        logger.warning("%s: ignoring %s (pickle files are never loaded; this checkpoint format does not use them)",
+                       path, ", ".join(ignored))
+    # Read to CPU (safetensors refuses names like "cpu:0" that DDP on CPU reports); load_state_dict copies the
+    # tensors onto the model's own device.
+    load_model(accelerator.unwrap_model(model), os.path.join(path, MODEL_FILE), strict=True, device="cpu")
+    file = os.path.join(path, OPTIMIZER_FILE)
+    try:
+        optimizer_state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for a planted pickle, others for a damaged file
+        raise CheckpointError(
+            f"{file} is not a plain tensor file (loading it with weights_only=True was refused: "
+            f"{str(e).splitlines()[0]}). It was not written by this library or is damaged; it was not executed. "
+            "Resume from another checkpoint or start again.") from e
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(dict(meta["scheduler"]))
+    if meta.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(dict(meta["scaler"]))
+    accelerator.step = int(meta.get("accelerator_step", 0))
+    rng_file = os.path.join(path, RNG_FILE.format(rank=accelerator.process_index))
+    try:
+        with open(rng_file) as f:
+            set_rng_state(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{rng_file}: random generator state missing or damaged ({e}); resume from another "
+                              "checkpoint.") from e
+
+
+def _checkpoint_order(name: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", name))
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Completed checkpoints under `<output_dir>/checkpoints`, oldest first (staging folders start with '.')."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    names = [d for d in os.listdir(root)
+             if not d.startswith(".") and os.path.isfile(os.path.join(root, d, STATE_FILE))]
+    return [os.path.join(root, d) for d in sorted(names, key=_checkpoint_order)]
+
+
+def resolve_resume_checkpoint(resume: str | None, output_dir: str, settings: Mapping[str, Any],
+                              defaults: Mapping[str, Any] | None = None) -> str | None:
+    """The checkpoint to resume from, checked to belong to this run. 'latest' = the newest checkpoint under
+    `<output_dir>/checkpoints` whose recorded settings equal this run's; an explicit folder must match too."""
+    if not resume:
+        return None
+    if resume != "latest":
+        _, meta = read_checkpoint_state(resume)
+        diffs = settings_differences(meta["settings"], settings, defaults)
+        if diffs:
+            raise CheckpointError(
+                f"{resume} belongs to a run with other settings, so resuming it would mix two runs in one result:\n  "
+                + "\n  ".join(diffs)
+                + "\nResume with the checkpoint's settings, or start a new run (another --output_dir, or "
+                "--overwrite_output_dir without --resume_from_checkpoint).")
+        return resume
+    root = os.path.join(output_dir, "checkpoints")
+    found = list_checkpoints(output_dir)
+    if not found:
+        raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint in {root}.")
+    reasons = []
+    for path in reversed(found):
+        try:
+            _, meta = read_checkpoint_state(path)
+        except CheckpointError as e:
+            reasons.append(f"{os.path.basename(path)}: {e}")
+            continue
+        diffs = settings_differences(meta["settings"], settings, defaults)
+        if not diffs:
+            if reasons:
+                logger.warning("--resume_from_checkpoint latest: skipped newer checkpoints of other runs: %s",
+                               "; ".join(reasons))
+            return path
+        reasons.append(f"{os.path.basename(path)}: other settings ({'; '.join(diffs)})")
+    raise CheckpointError(
+        f"--resume_from_checkpoint latest: no checkpoint in {root} belongs to this run:\n  " + "\n  ".join(reasons)
+        + "\nResume with that run's settings, or start this run elsewhere (another --output_dir, or "
+        "--overwrite_output_dir without --resume_from_checkpoint).")
+
+
+# --------------------------------------------------------------------------------------------------- output folder
+def finished_output_files(output_dir: str) -> list[str]:
+    """The files of a saved result or model in `output_dir` (what a new final save would replace)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(f for f in os.listdir(output_dir)
+                  if _OUTPUT_FILE.match(f) and os.path.isfile(os.path.join(output_dir, f)))
+
+
+def _interrupted_saves(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(os.path.join(output_dir, d) for d in os.listdir(output_dir)
+                  if d.startswith((".previous-", ".staging-")))
+
+
+def check_output_dir(output_dir: str, *, overwrite: bool, resume: str | None) -> None:
+    """Refuse a run into a folder whose saved work it would replace or mix with, unless `overwrite`: a finished run
+    (its model/results.json) or checkpoints of an unfinished one, except when resuming from those checkpoints
+    ('latest' or a folder under `<output_dir>/checkpoints`; the settings check then makes sure it is this run)."""
+    if overwrite:
+        return
+    fixes = ("pass --overwrite_output_dir to replace it, --resume_from_checkpoint latest to continue the run "
+             "saved there, or choose another --output_dir")
+    leftovers = _interrupted_saves(output_dir)
+    note = (f" An earlier final save was interrupted; its files are in {', '.join(leftovers)}." if leftovers else "")
+    finished = finished_output_files(output_dir)
+    inside = bool(resume) and (resume == "latest" or _is_inside(resume, os.path.join(output_dir, "checkpoints")))
+    if finished and not inside:
+        what = ("resuming from a checkpoint of another folder would replace it" if resume
+                else "a new run would replace it")
+        raise OutputDirError(f"{output_dir} already holds a saved run ({', '.join(finished)}); {what}: {fixes}."
+                             + note)
+    if list_checkpoints(output_dir) and not inside:
+        what = ("resuming from a checkpoint of another folder would add its run's checkpoints to them" if resume
+                else "a new run would mix with them")
+        raise OutputDirError(f"{output_dir} holds checkpoints of an unfinished run "
+                             f"({os.path.join(output_dir, 'checkpoints')}); {what}: {fixes}." + note)
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def publish_output(output_dir: str, write: Callable[[str], None]) -> list[str]:
+    """Run `write(staging)` into `output_dir/.staging-*`, then move its files into `output_dir`, replacing the old
+    output (`_OUTPUT_FILE` names) and keeping everything else (`checkpoints/`, logs). The old files go to
+    `.previous-*` first and the new ones come in with `config.json` and `results.json` last, so at every instant
+    `output_dir` holds the old output, the new one, or one without config.json/results.json (not loadable, the
+    rest recoverable from the dot folders): never new config beside old weights. Returns the files published."""
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=output_dir)
+    try:
+        write(staging)
+        names = sorted(os.listdir(staging))
+        for name in names:
+            if not os.path.isfile(os.path.join(staging, name)):
+                raise RuntimeError(f"final output {name!r} is not a plain file; publish_output moves files only")
+            _fsync(os.path.join(staging, name))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    defining_first = lambda n: (n not in _DEFINING_FILES, n)  # noqa: E731
+    previous = tempfile.mkdtemp(prefix=".previous-", dir=output_dir)
+    old = [n for n in os.listdir(output_dir)
+           if os.path.isfile(os.path.join(output_dir, n)) and (n in names or _OUTPUT_FILE.match(n))]
+    for name in sorted(old, key=defining_first):
+        os.replace(os.path.join(output_dir, name), os.path.join(previous, name))
+    _fsync(output_dir)
+    for name in sorted(names, key=defining_first, reverse=True):
+        os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    _fsync(output_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+    os.rmdir(staging)
+    return names
+
+
+# --------------------------------------------------------------------------------------------------- launch
+# Set by torchrun / mpirun for each process of a real multi-process launch.
+_WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _requested_processes(cmdline: Sequence[str] | None) -> int | None:
+    """`--num_processes N` from the `accelerate launch` command line (the parent process), when it is there."""
+    if not cmdline:
+        return None
+    for i, arg in enumerate(cmdline):
+        for flag in ("--num_processes", "--num-processes"):
+            value = (cmdline[i + 1] if arg == flag and i + 1 < len(cmdline)
+                     else arg[len(flag) + 1:] if arg.startswith(flag + "=") else None)
+            if value is not None and value.isdigit():
+                return int(value)
+    return None
+
+
+def _parent_cmdline() -> list[str] | None:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+
+
+def lost_processes_message(num_processes: int, environ: Mapping[str, str] | None = None,
+                           parent_cmdline: Sequence[str] | None = None) -> str | None:
+    """Why this process is alone although `accelerate launch` was asked for several, or None.
+
+    accelerate's simple launcher (used for `--cpu`, for a config whose distributed_type is NO or MULTI_CPU
+    without MPI, and for `--num_processes 2` on a machine without GPUs) starts ONE process; it still exports
+    ACCELERATE_* and, only when more than one process or machine was asked for, MASTER_ADDR/MASTER_PORT, but no
+    WORLD_SIZE. torchrun (`--multi_gpu`) and mpirun set a world size for every process they start."""
+    env = os.environ if environ is None else environ
+    launched = "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env
+    if num_processes > 1 or not launched or "MASTER_PORT" not in env:
+        return None
+    if any(env.get(v) for v in _WORLD_SIZE_VARS):
+        return None
+    requested = _requested_processes(parent_cmdline if parent_cmdline is not None else _parent_cmdline())
+    if requested is not None and requested <= 1:
+        return None  # MASTER_PORT came from elsewhere (several machines, or the user's environment)
+    n = requested or 2
+    asked = f"{requested} processes" if requested else "several processes (MASTER_PORT is set)"
+    return (f"`accelerate launch` was asked for {asked} but started only this one: its simple launcher (used for "
+            "--cpu, or a config with distributed_type NO/MULTI_CPU without MPI) runs a single process. For "
+            f"{n} CPU processes run `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {n} "
+            "recipes/<recipe>.py ... --cpu` (DDP over gloo; --cpu goes after the recipe, as a recipe flag); on GPUs, "
+            f"`accelerate launch --multi_gpu --num_processes {n}` with {n} GPUs; for one process, drop --num_processes.")
+
+
+def check_launch(num_processes: int, environ: Mapping[str, str] | None = None,
+                 parent_cmdline: Sequence[str] | None = None) -> None:
+    """Raise if `accelerate launch` silently started one process instead of the several asked for."""
+    message = lost_processes_message(num_processes, environ, parent_cmdline)
+    if message:
+        raise RuntimeError(message)
