@@ -326,7 +326,8 @@ def run_once(output_dir: Path, model_args, data_args, prune_args, run_args, *, f
     A failure is recorded as {"error": ...} instead of ending the benchmark."""
     from prompt_sparsity.training import run_pruning
 
-    run_args = dataclasses.replace(run_args, output_dir=str(output_dir))
+    # A run is repeated only when its settings changed (or --fresh): replacing the old folder is then wanted.
+    run_args = dataclasses.replace(run_args, output_dir=str(output_dir), overwrite_output_dir=True)
     wanted = {}
     for group in (model_args, data_args, prune_args, run_args):
         wanted.update(dataclasses.asdict(group))
@@ -335,7 +336,14 @@ def run_once(output_dir: Path, model_args, data_args, prune_args, run_args, *, f
     if not fresh and path.is_file():
         with open(path) as f:
             old = json.load(f)
-        if old.get("args") == wanted:
+        # A setting added to the library after the run counts as its default (an old run is still that run).
+        defaults = {}
+        for group in (model_args, data_args, prune_args, run_args):
+            defaults.update(_jsonable({f.name: f.default for f in dataclasses.fields(group)
+                                       if f.default is not dataclasses.MISSING}))
+        old_args = {**{k: v for k, v in wanted.items() if k not in (old.get("args") or {}) and defaults.get(k, object())
+                       == v}, **(old.get("args") or {})}
+        if old_args == wanted:
             log(f"  reusing {path}")
             old["reused"] = True
             return old

@@ -54,6 +54,7 @@ class UnstructuredMask(nn.Module):
         self.threshold = threshold
         self.min_density = float(min_density)
         self.protected_rows: dict[str, list[int]] = {}  # {head layer: the rows the label mapping reads}
+        self._forced: set = set()  # floor groups forced at the last mask computation (see select_with_floors_)
         if mask_format == "scores":
             self.scores = nn.Parameter(torch.zeros(self.numel))
         else:
@@ -80,7 +81,7 @@ class UnstructuredMask(nn.Module):
             if self._mask is None or self._mask.shape != self.scores.shape or self._mask.device != self.scores.device:
                 self._mask = torch.empty_like(self.scores)
             mask_from_scores_(self.scores.detach(), self._mask, self.layers, self.sparsity, self.threshold,
-                              self._finder, self.floors())
+                              self._finder, self.floors(), self._forced)
         self._mask_source = self._source()
         return self._mask
 

@@ -239,3 +239,16 @@ def test_flm_on_a_healthy_network_stays_on_the_masked_one(tmp_path, monkeypatch)
     assert results["label_mapping_source"] == {"network": "masked", "distinct_predictions": 10}
     assert len(calls) == 1 and results["label_mapping"] == list(range(5, 15))  # no second (dense) FLM
     assert "test" not in results["accuracy"] and "validation" in results["accuracy"]
+
+
+def test_floor_groups_forced_last_step_give_the_same_mask_as_a_fresh_selection():
+    model, head = _starved(0.01)
+    model.sparsity.mask()
+    assert model.sparsity._forced  # the classifier was forced in
+    with torch.no_grad():  # the classifier's scores become the largest: no floor is needed any more
+        model.sparsity.scores[head.offset:head.offset + head.numel].mul_(1e9)
+    sticky = model.sparsity.update_mask().clone()  # starts from the stale forced set
+    model.sparsity._forced.clear()
+    fresh = model.sparsity.update_mask()
+    assert torch.equal(sticky, fresh)
+    assert int(fresh[head.offset:head.offset + head.numel].sum()) > math.ceil(0.01 * head.numel)

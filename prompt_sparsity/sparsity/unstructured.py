@@ -192,15 +192,23 @@ def density_floors(layers: list[PrunedLayer], min_density: float,
 
 @torch.no_grad()
 def select_with_floors_(values: torch.Tensor, mask: torch.Tensor, k: int, prune_fn, floors: list[Floor],
-                        by_magnitude: bool = False) -> None:
+                        by_magnitude: bool = False, forced: set | None = None) -> None:
     """`prune_fn(values, mask, k)` writes an exact mask pruning the k smallest (of |values| with `by_magnitude`);
     then every floor group that kept fewer than `min_keep` gets its `min_keep` largest entries forced in (set to
     +inf in a copy of `values`) and the selection is redone, until no group is below its floor. `values`, `mask`
-    and the floors share one flat layout starting at 0."""
+    and the floors share one flat layout starting at 0.
+
+    `forced` (updated in place) carries the groups forced last time: forcing a group that is not short changes
+    nothing but the order of exact ties (a global threshold keeps a group's largest entries first), so starting from them is exact and keeps
+    one selection per call (and the incremental threshold's band) while the scores move slowly."""
+    forced = set() if forced is None else forced
+    forced &= set(floors)
+    if forced:
+        values = values.clone()
+        _force_(values, forced, by_magnitude)
     prune_fn(values, mask, k)
     if not floors:
         return
-    forced: set[Floor] = set()
     for _ in range(len(floors) + 1):
         short = [f for f in floors if f not in forced
                  and int(torch.count_nonzero(mask[f.start:f.start + f.length])) < min(f.min_keep, f.length)]
@@ -208,12 +216,8 @@ def select_with_floors_(values: torch.Tensor, mask: torch.Tensor, k: int, prune_
             return
         if not forced:
             values = values.clone()
-        for f in short:
-            sl = slice(f.start, f.start + f.length)
-            key = values[sl].abs() if by_magnitude else values[sl]
-            top = torch.topk(key, min(f.min_keep, f.length), sorted=False).indices
-            values[sl][top] = float("inf")
-            forced.add(f)
+        _force_(values, short, by_magnitude)
+        forced.update(short)
         need, free = int(torch.isinf(values).sum()), values.numel() - k
         if need > free:
             raise ValueError(
@@ -221,6 +225,15 @@ def select_with_floors_(values: torch.Tensor, mask: torch.Tensor, k: int, prune_
                 "min_layer_density (0 disables the floor) or the sparsity.")
         prune_fn(values, mask, k)
     raise RuntimeError("layer-collapse floor did not converge")  # unreachable: each pass forces a new group
+
+
+def _force_(values: torch.Tensor, groups, by_magnitude: bool) -> None:
+    """Set each group's `min_keep` largest entries to +inf (always kept by an exact k-smallest selection)."""
+    for f in groups:
+        sl = slice(f.start, f.start + f.length)
+        key = values[sl].abs() if by_magnitude else values[sl]
+        top = torch.topk(key, min(f.min_keep, f.length), sorted=False).indices
+        values[sl][top] = float("inf")
 
 
 def collapsed_layers(mask: torch.Tensor, layers: list[PrunedLayer],
@@ -244,6 +257,7 @@ def mask_from_scores_(
     threshold: str = "global",
     finder: ThresholdFinder | None = None,
     floors: list[Floor] | None = None,
+    forced: set | None = None,
 ) -> torch.Tensor:
     """Write the hard mask (1 = keep) for `scores` into `mask` in place, pruning exactly floor(sparsity * n)
     weights globally (or per layer). Ties at the threshold are broken by position so the count is exact. `floors`
@@ -252,7 +266,7 @@ def mask_from_scores_(
     if threshold == "global":
         finder = finder or ThresholdFinder()
         select_with_floors_(scores, mask, num_pruned(sparsity, scores.numel()),
-                            lambda v, m, k: _mask_slice_(v, m, k, finder), floors, by_magnitude=True)
+                            lambda v, m, k: _mask_slice_(v, m, k, finder), floors, by_magnitude=True, forced=forced)
     else:
         for layer in layers:
             sl = slice(layer.offset, layer.offset + layer.numel)
