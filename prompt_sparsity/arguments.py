@@ -5,6 +5,13 @@ pruned to 90% on a Fashion-MNIST subset, small enough for ~10 minutes on 2 CPU c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from .methods import METHODS, get_method
+
+# Closed option sets as Literal types: HfArgumentParser turns them into argparse `choices` (checked, listed in
+# --help). Method names come from the registry, so a registered method is a valid --method.
+MethodName = Literal[tuple(METHODS)]
 
 
 @dataclass
@@ -14,12 +21,12 @@ class ModelArguments:
         metadata={"help": "A Hub id, a local directory, or a built-in offline model ('efficientnet-lite0')."},
     )
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
-    head: str = field(
+    head: Literal["pretrained", "new"] = field(
         default="pretrained",
         metadata={"help": "'pretrained': keep the source head and map labels with FLM (paper); 'new': fresh head."},
     )
-    prompt_method: str | None = field(
-        default=None, metadata={"help": "pad|fix|random|expand|none (default: the method's own, pad for VPNs)."}
+    prompt_method: Literal["pad", "fix", "random", "expand", "none"] | None = field(
+        default=None, metadata={"help": "The visual prompt (default: the method's own, pad for VPNs)."}
     )
     input_size: int = field(default=48, metadata={"help": "Images are resized to this size (paper: 224)."})
     output_size: int | None = field(default=None, metadata={"help": "Prompt canvas size (default: input_size)."})
@@ -49,17 +56,20 @@ class DataArguments:
 
 @dataclass
 class PruningArguments:
-    method: str = field(
+    method: MethodName = field(
         default="vpns",
-        metadata={"help": "vpns, hydra, omp, random, snip, grasp, synflow, or dense (no pruning, a reference)."},
+        metadata={"help": "A registered pruning method (dense: no pruning, a reference; structured ones run in "
+                          "recipes/pass.py)."},
     )
     sparsity: float = field(default=0.9, metadata={"help": "Fraction of prunable weights set to zero."})
-    threshold: str | None = field(default=None, metadata={"help": "global|layerwise (default: the method's)."})
+    threshold: Literal["global", "layerwise"] | None = field(
+        default=None, metadata={"help": "One global threshold or the same sparsity per layer (default: the method's)."}
+    )
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Regexes of module names to prune (default: every Conv2d and Linear)."}
     )
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Regexes of module names to keep."})
-    steps: str | None = field(
+    steps: Literal["two", "prompted", "augmented"] | None = field(
         default=None,
         metadata={
             "help": "Optimiser steps per iteration: 'two' (a prompted un-augmented batch, then an unprompted "
@@ -72,8 +82,9 @@ class PruningArguments:
     score_lr: float = field(default=1e-4)
     score_weight_decay: float = field(default=1e-4)
     search_prompt_lr: float = field(default=1e-4)
-    search_prompt_schedule: str = field(
-        default="multistep", metadata={"help": "multistep (x0.1 at 50% and 72%; paper) or cosine (public code)."}
+    search_prompt_schedule: Literal["multistep", "cosine"] = field(
+        default="multistep",
+        metadata={"help": "multistep (x0.1 at 50 and 72 percent of the steps; paper) or cosine (public code)."},
     )
     finetune_lr: float = field(default=0.01)
     finetune_prompt_lr: float = field(default=0.01)
@@ -82,7 +93,7 @@ class PruningArguments:
     warmup_ratio: float = field(default=0.0)
     pruner_batches: int = field(default=4, metadata={"help": "Batches SNIP/GraSP/Taylor average over."})
     flops_ratio: float = field(default=0.5, metadata={"help": "Structured methods: FLOPs budget vs the dense model."})
-    channel_selection: str = field(default="global", metadata={"help": "global (PASS) or uniform per unit."})
+    channel_selection: Literal["global", "uniform"] = field(default="global", metadata={"help": "global (PASS) or uniform per unit."})
     min_channels: int = field(default=1, metadata={"help": "Channels every unit keeps at least."})
     hypernet_lr: float = field(default=1e-3, metadata={"help": "PASS hypernetwork + prompt encoder (Adam)."})
     structure_prompt_lr: float = field(default=1e-3, metadata={"help": "PASS prompt during the search (Adam)."})
@@ -90,6 +101,9 @@ class PruningArguments:
     flops_penalty: float = field(default=0.0, metadata={"help": "Soft-FLOPs penalty weight (PASS.md: 2; 0 = off)."})
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     synflow_iterations: int = field(default=100)
+
+    def __post_init__(self):
+        get_method(self.method)  # built in code rather than parsed: the same clear error as a bad --method
 
 
 @dataclass
@@ -101,7 +115,9 @@ class RunArguments:
     )
     checkpointing: bool = field(default=True, metadata={"help": "Save the training state after each epoch."})
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
-    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: none, all, tensorboard, wandb."})
+    report_to: Literal["none", "all", "tensorboard", "wandb"] = field(
+        default="none", metadata={"help": "Accelerate trackers."}
+    )
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when an accelerator is present."})
     torch_threads: int | None = field(
         default=None,
