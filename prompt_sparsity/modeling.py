@@ -699,13 +699,13 @@ def _normalisation_of(config, name_or_path: str | None, load_kwargs: dict | None
 def _processor_mean_std(path: str, kwargs: dict) -> tuple[list[float], list[float]] | None:
     """image_mean/image_std of the image processor saved with a base model, or None when it has none."""
     from transformers import AutoImageProcessor
-    from transformers.utils import PROCESSOR_NAME, cached_file
+    from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
     # A base without a preprocessor config is normal (a bare checkpoint): look for the file first, quietly, so
     # that only a real processor is loaded (AutoImageProcessor would otherwise raise or guess).
     probe = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
     try:
-        found = cached_file(path, PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False,
+        found = cached_file(path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False,
                             _raise_exceptions_for_connection_errors=False, **probe)
     except OSError:
         found = None

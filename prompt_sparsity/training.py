@@ -549,6 +549,9 @@ class PruningRun:
         model.save_pretrained(self.output_dir, is_main_process=acc.is_main_process, save_function=acc.save)
         if acc.is_main_process:
             write_json_atomic(os.path.join(self.output_dir, "results.json"), results)
+            from .hub import write_model_card
+
+            write_model_card(self.output_dir)  # the card save_pretrained wrote, now with the run's results
             print_summary(results)
         acc.wait_for_everyone()
         if self.run_args.push_to_hub:
