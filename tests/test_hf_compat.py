@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -148,13 +149,21 @@ def test_from_base_loading_options_reach_the_base_not_the_config(base_dir, tmp_p
 def test_normalisation_from_the_base_image_processor(base_dir, tmp_path):
     plain = PromptedSparseModel.from_base(str(base_dir), input_size=S, output_size=S, pad_size=4)
     assert plain.config.image_mean == IMAGENET_MEAN and plain.config.image_std == IMAGENET_STD
-    hub_like = tmp_path / "with-processor"
-    tiny_model("resnet_basic").save_pretrained(hub_like)
-    ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(hub_like)
-    model = PromptedSparseModel.from_base(str(hub_like), input_size=S, output_size=S, pad_size=4)
-    assert model.config.image_mean == [0.5, 0.5, 0.5] and model.config.image_std == [0.5, 0.5, 0.5]
-    x = torch.rand(1, 3, S, S)
-    torch.testing.assert_close(model.prompt(x, use_prompt=False), (x - 0.5) / 0.5)
+    folder = tmp_path / "with-processor"
+    tiny_model("resnet_basic").save_pretrained(folder)
+    ViTImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(folder)
+    # The same base as a Hub repo in a (offline) Hugging Face cache: what `from_base("org/name")` reads.
+    cache, sha = tmp_path / "hub-cache", "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--org--tiny-vit-normalised" / "snapshots" / sha
+    shutil.copytree(folder, snapshot)
+    (cache / "models--org--tiny-vit-normalised" / "refs").mkdir()
+    (cache / "models--org--tiny-vit-normalised" / "refs" / "main").write_text(sha)
+    for source, kwargs in ((str(folder), {}), ("org/tiny-vit-normalised", {"cache_dir": str(cache)})):
+        model = PromptedSparseModel.from_base(source, input_size=S, output_size=S, pad_size=4, **kwargs)
+        assert model.config.image_mean == [0.5, 0.5, 0.5] and model.config.image_std == [0.5, 0.5, 0.5], source
+        x = torch.rand(1, 3, S, S)
+        torch.testing.assert_close(model.prompt(x, use_prompt=False), (x - 0.5) / 0.5)
+    assert model.config.base_model_name_or_path == "org/tiny-vit-normalised"
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
