@@ -194,6 +194,18 @@ def test_torch_export_of_a_frozen_model_gives_the_same_logits():
         torch.testing.assert_close(model(x).logits, ref)
 
 
+def test_torch_compile_captures_the_frozen_model_in_one_graph():
+    """fullgraph=True fails on any graph break (numpy, Python-side caches); the eager backend keeps it quick."""
+    model = frozen()
+    x = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        ref = model(x).logits
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x).logits, ref)
+        deploy = torch.compile(model.merge_and_unload(keep_prompt=True), backend="eager", fullgraph=True)
+        torch.testing.assert_close(deploy(x).logits, ref)
+
+
 def test_merge_and_unload_keep_prompt_equals_the_prompted_model():
     model = frozen()
     x = torch.rand(3, 3, S, S)
