@@ -93,7 +93,9 @@ class PruningArguments:
     warmup_ratio: float = field(default=0.0)
     pruner_batches: int = field(default=4, metadata={"help": "Batches SNIP/GraSP/Taylor average over."})
     flops_ratio: float = field(default=0.5, metadata={"help": "Structured methods: FLOPs budget vs the dense model."})
-    channel_selection: Literal["global", "uniform"] = field(default="global", metadata={"help": "global (PASS) or uniform per unit."})
+    channel_selection: Literal["global", "uniform"] = field(
+        default="global", metadata={"help": "global (PASS) or uniform per unit."}
+    )
     min_channels: int = field(default=1, metadata={"help": "Channels every unit keeps at least."})
     hypernet_lr: float = field(default=1e-3, metadata={"help": "PASS hypernetwork + prompt encoder (Adam)."})
     structure_prompt_lr: float = field(default=1e-3, metadata={"help": "PASS prompt during the search (Adam)."})

@@ -10,8 +10,8 @@ A saved subnetwork is a folder written by `PromptedSparseModel.save_pretrained` 
 - `write_model_card(output_dir)`: write that card as the folder's README.md (never over a hand-written one).
 - `push_subnetwork(output_dir, repo_id)`: one commit with the subnetwork files and the card (the card only when the
   repo has no README.md yet, unless `overwrite_card=True`; a generated card is re-rendered for the repo id and the
-  current results.json, a hand-written README.md is pushed as it is). Failures raise `HubPushError`, which says that the local
-  folder is intact.
+  current results.json, a hand-written README.md is pushed as it is). Failures raise `HubPushError`, which says
+  that the local folder is intact.
 - `push_model(model, repo_id)`: save an in-memory model (and an optional results dict) to a temporary folder, then
   `push_subnetwork`; `PromptedSparseModel.push_to_hub` calls it.
 - `download_subnetwork(repo_id_or_path)`: the files of a subnetwork in the local HF cache (or a local folder as is).

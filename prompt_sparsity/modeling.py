@@ -679,7 +679,9 @@ _PROCESSOR_KWARGS = ("token", "cache_dir", "revision", "local_files_only", "forc
                      "proxies", "subfolder")
 
 
-def _normalisation_of(config, name_or_path: str | None, load_kwargs: dict | None = None) -> tuple[list[float], list[float]]:
+def _normalisation_of(
+    config, name_or_path: str | None, load_kwargs: dict | None = None
+) -> tuple[list[float], list[float]]:
     """The mean/std the base model was trained with: its image processor (a local folder or a Hub repo, read with
     `AutoImageProcessor`) if it has one, else timm's pretrained_cfg, else ImageNet's."""
     if name_or_path:
