@@ -10,7 +10,8 @@ from typing import Literal
 from .methods import METHODS, get_method
 
 # Closed option sets as Literal types: HfArgumentParser turns them into argparse `choices` (checked, listed in
-# --help). Method names come from the registry, so a registered method is a valid --method.
+# --help). Method names are the registry's at import time (register a new method before importing this module);
+# PruningArguments built in code is checked against the registry as it is then.
 MethodName = Literal[tuple(METHODS)]
 
 
