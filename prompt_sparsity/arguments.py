@@ -5,6 +5,14 @@ pruned to 90% on a Fashion-MNIST subset, small enough for ~10 minutes on 2 CPU c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from .methods import METHODS, get_method
+
+# Closed option sets as Literal types: HfArgumentParser turns them into argparse `choices` (checked, listed in
+# --help). Method names are the registry's at import time (register a new method before importing this module);
+# PruningArguments built in code is checked against the registry as it is then.
+MethodName = Literal[tuple(METHODS)]
 
 
 @dataclass
@@ -14,12 +22,12 @@ class ModelArguments:
         metadata={"help": "A Hub id, a local directory, or a built-in offline model ('efficientnet-lite0')."},
     )
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
-    head: str = field(
+    head: Literal["pretrained", "new"] = field(
         default="pretrained",
         metadata={"help": "'pretrained': keep the source head and map labels with FLM (paper); 'new': fresh head."},
     )
-    prompt_method: str | None = field(
-        default=None, metadata={"help": "pad|fix|random|expand|none (default: the method's own, pad for VPNs)."}
+    prompt_method: Literal["pad", "fix", "random", "expand", "none"] | None = field(
+        default=None, metadata={"help": "The visual prompt (default: the method's own, pad for VPNs)."}
     )
     input_size: int = field(default=48, metadata={"help": "Images are resized to this size (paper: 224)."})
     output_size: int | None = field(default=None, metadata={"help": "Prompt canvas size (default: input_size)."})
@@ -49,12 +57,15 @@ class DataArguments:
 
 @dataclass
 class PruningArguments:
-    method: str = field(
+    method: MethodName = field(
         default="vpns",
-        metadata={"help": "vpns, hydra, omp, random, snip, grasp, synflow, or dense (no pruning, a reference)."},
+        metadata={"help": "A registered pruning method (dense: no pruning, a reference; structured ones run in "
+                          "recipes/pass.py)."},
     )
     sparsity: float = field(default=0.9, metadata={"help": "Fraction of prunable weights set to zero."})
-    threshold: str | None = field(default=None, metadata={"help": "global|layerwise (default: the method's)."})
+    threshold: Literal["global", "layerwise"] | None = field(
+        default=None, metadata={"help": "One global threshold or the same sparsity per layer (default: the method's)."}
+    )
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Regexes of module names to prune (default: every Conv2d and Linear)."}
     )
@@ -65,7 +76,7 @@ class PruningArguments:
                           "fraction of its weights, so no layer collapses; 0 allows collapse (layers above 99 "
                           "percent sparsity are then named in a warning)."},
     )
-    steps: str | None = field(
+    steps: Literal["two", "prompted", "augmented"] | None = field(
         default=None,
         metadata={
             "help": "Optimiser steps per iteration: 'two' (a prompted un-augmented batch, then an unprompted "
@@ -81,27 +92,34 @@ class PruningArguments:
                           "paper's 1e-4 at its ~11.7k steps, scaled to this run's (prompt_sparsity.optim)."},
     )
     score_weight_decay: float = field(default=1e-4)
-    score_optimizer: str = field(default="adam", metadata={"help": "adam (paper) or sgd (with --momentum)."})
-    score_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or multistep."})
+    score_optimizer: Literal["adam", "sgd"] = field(default="adam",
+                                                    metadata={"help": "adam (paper) or sgd (with --momentum)."})
+    score_schedule: Literal["cosine", "multistep"] = field(default="cosine",
+                                                           metadata={"help": "cosine (paper) or multistep."})
     search_prompt_lr: str = field(default="auto", metadata={"help": "Search-stage prompt lr: a number or 'auto' "
                                                                     "(the same rule as score_lr)."})
-    search_prompt_optimizer: str = field(default="adam", metadata={"help": "adam (paper) or sgd."})
-    search_prompt_schedule: str = field(
-        default="multistep", metadata={"help": "multistep (x0.1 at 50 and 72 percent of steps; paper) or cosine "
-                                               "(public code)."}
+    search_prompt_optimizer: Literal["adam", "sgd"] = field(default="adam", metadata={"help": "adam (paper) or sgd."})
+    search_prompt_schedule: Literal["multistep", "cosine"] = field(
+        default="multistep",
+        metadata={"help": "multistep (x0.1 at 50 and 72 percent of the steps; paper) or cosine (public code)."},
     )
     finetune_lr: float = field(default=0.01)
-    finetune_optimizer: str = field(default="sgd", metadata={"help": "sgd (paper, with --momentum) or adam."})
-    finetune_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or multistep."})
+    finetune_optimizer: Literal["sgd", "adam"] = field(default="sgd",
+                                                       metadata={"help": "sgd (paper, with --momentum) or adam."})
+    finetune_schedule: Literal["cosine", "multistep"] = field(default="cosine",
+                                                              metadata={"help": "cosine (paper) or multistep."})
     finetune_prompt_lr: float = field(default=0.01)
-    finetune_prompt_optimizer: str = field(default="sgd", metadata={"help": "sgd (paper) or adam."})
-    finetune_prompt_schedule: str = field(default="cosine", metadata={"help": "cosine (paper) or multistep."})
+    finetune_prompt_optimizer: Literal["sgd", "adam"] = field(default="sgd", metadata={"help": "sgd (paper) or adam."})
+    finetune_prompt_schedule: Literal["cosine", "multistep"] = field(default="cosine",
+                                                                     metadata={"help": "cosine (paper) or multistep."})
     finetune_weight_decay: float = field(default=1e-4)
     momentum: float = field(default=0.9)
     warmup_ratio: float = field(default=0.0)
     pruner_batches: int = field(default=4, metadata={"help": "Batches SNIP/GraSP/Taylor average over."})
     flops_ratio: float = field(default=0.5, metadata={"help": "Structured methods: FLOPs budget vs the dense model."})
-    channel_selection: str = field(default="global", metadata={"help": "global (PASS) or uniform per unit."})
+    channel_selection: Literal["global", "uniform"] = field(
+        default="global", metadata={"help": "global (PASS) or uniform per unit."}
+    )
     min_channels: int = field(default=1, metadata={"help": "Channels every unit keeps at least."})
     hypernet_lr: str = field(
         default="auto",
@@ -114,6 +132,9 @@ class PruningArguments:
     flops_penalty: float = field(default=0.0, metadata={"help": "Soft-FLOPs penalty weight (PASS.md: 2; 0 = off)."})
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     synflow_iterations: int = field(default=100)
+
+    def __post_init__(self):
+        get_method(self.method)  # built in code rather than parsed: the same clear error as a bad --method
 
 
 @dataclass
@@ -134,7 +155,9 @@ class RunArguments:
     dense_reference: bool = field(default=True, metadata={"help": "Also report the pretrained dense model + FLM "
                                                                    "on the test split (a floor; one extra pass)."})
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
-    report_to: str = field(default="none", metadata={"help": "Accelerate trackers: none, all, tensorboard, wandb."})
+    report_to: Literal["none", "all", "tensorboard", "wandb"] = field(
+        default="none", metadata={"help": "Accelerate trackers."}
+    )
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when an accelerator is present."})
     torch_threads: int | None = field(
         default=None,

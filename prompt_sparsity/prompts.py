@@ -54,7 +54,7 @@ class VisualPrompt(nn.Module):
 
     def _constants(self, ref: torch.Tensor):
         key = (ref.device, ref.dtype)
-        if key not in self._cache:
+        if key not in self._cache or torch.compiler.is_compiling():
             mean = torch.tensor(self._mean, device=ref.device, dtype=ref.dtype).view(1, -1, 1, 1)
             std = torch.tensor(self._std, device=ref.device, dtype=ref.dtype).view(1, -1, 1, 1)
             ring = None
@@ -62,6 +62,8 @@ class VisualPrompt(nn.Module):
                 ring = torch.ones(1, 1, self.output_size, self.output_size, device=ref.device, dtype=ref.dtype)
                 lo = (self.output_size - self.input_size) // 2
                 ring[..., lo : lo + self.input_size, lo : lo + self.input_size] = 0
+            if torch.compiler.is_compiling():
+                return mean, std, ring  # traced tensors are graph constants: never cache them
             self._cache[key] = (mean, std, ring)
         return self._cache[key]
 

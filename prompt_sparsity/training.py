@@ -559,8 +559,11 @@ class PruningRun:
         if acc.is_main_process:
             # Staged and renamed into place (`publish_output`): a crash never leaves new config beside old weights.
             def write(staging: str) -> None:
+                from .hub import write_model_card
+
                 model.save_pretrained(staging, save_function=acc.save)
                 write_json_atomic(os.path.join(staging, "results.json"), results)
+                write_model_card(staging)  # the card save_pretrained wrote, now with the run's results
 
             publish_output(self.output_dir, write)
             print_summary(results)

@@ -320,3 +320,44 @@ def test_push_with_server_down_keeps_local_output(saved, tmp_path):
     assert "'org/vpns-tiny'" in message and "could not reach the Hub" in message and down.endpoint in message
     assert f"The local output at {saved['a']} is intact" in message
     assert tree_digest(saved["a"]) == saved["digest_a"]
+
+
+
+def test_standard_push_options_and_save_pretrained_push(hub, saved, tmp_path):
+    """push_to_hub takes the transformers keywords; save_pretrained(push_to_hub=True) pushes the image processor and
+    the card too, so `pipeline(repo)` works on what it pushed."""
+    res = client(r"""
+    import tempfile
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+    from prompt_sparsity import PromptedSparseModel
+    model = PromptedSparseModel.from_pretrained(os.environ["T_A"])
+    r = {}
+    r["first"] = model.push_to_hub("org/std", commit_message="first upload", commit_description="why: a test",
+                                   private=True, token=os.environ["HF_TOKEN"], tags=["my-tag"],
+                                   max_shard_size="1GB").oid
+    pr = model.push_to_hub("org/std", create_pr=True, commit_message="as a PR", overwrite_card=True)
+    r["pr_url"], r["pr_oid"] = pr.pr_url, pr.oid
+    r["dev"] = model.push_to_hub("org/std", revision="dev", commit_message="to a branch").oid
+    folder = os.path.join(tempfile.mkdtemp(), "saved-and-pushed")
+    model.save_pretrained(folder, push_to_hub=True, repo_id="org/saved", commit_message="saved and pushed")
+    r["local"] = sorted(os.listdir(folder))
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype("uint8"))
+    r["pipeline"] = sorted(p["label"] for p in pipeline("image-classification", model="org/saved")(image))
+    out(r)
+    """, hub, tmp_path / "home", saved)
+    repo = hub._get_repo("org/std")
+    assert repo.private
+    first = repo.commits[res["first"]]
+    assert (first.title, first.message) == ("first upload", "why: a test")
+    card = hub.read_file("org/std", "README.md", res["first"]).decode()
+    assert "my-tag" in ModelCard(card).data.tags and 'from_pretrained("org/std")' in card
+    assert res["pr_url"].endswith("/discussions/1") and hub.head("org/std") == res["first"]  # main untouched
+    assert repo.refs["refs/pr/1"] == res["pr_oid"]
+    assert hub.head("org/std", "dev") == res["dev"]
+    assert res["local"] == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    pushed = sorted(hub.list_files("org/saved"))
+    assert pushed == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert 'from_pretrained("org/saved")' in hub.read_file("org/saved", "README.md").decode()
+    assert res["pipeline"] == ["bird", "cat", "dog"]

@@ -11,7 +11,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -292,15 +291,25 @@ def _mask_slice_(scores, mask, k, finder):
         mask[tied[tied.numel() - (n_pruned - k) :]] = 1
 
 
+# Bit weights of one packed byte, most significant first (numpy.packbits' big-endian order, the saved format).
+_BITS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bit-pack a 0/1 mask: one bit per weight (uint8, big-endian bit order as numpy.packbits)."""
-    bits = mask.detach().to("cpu", torch.bool).numpy()
-    return torch.from_numpy(np.packbits(bits))
+    """Bit-pack a 0/1 mask: one bit per weight (uint8, big-endian bit order as numpy.packbits), on its device."""
+    bits = mask.detach().flatten().ne(0).to(torch.uint8)
+    bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8)).view(-1, 8)
+    weights = torch.tensor(_BITS, dtype=torch.uint8, device=bits.device)
+    return (bits * weights).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: torch.Tensor, n: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    bits = np.unpackbits(packed.detach().cpu().numpy(), count=n)
-    return torch.from_numpy(bits).to(device=device or packed.device, dtype=dtype)
+    """The first `n` bits of a packed mask as 0/1 values. Torch ops only (no numpy), so `torch.export` and
+    `torch.compile` trace it."""
+    packed = packed.to(device) if device is not None else packed
+    weights = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
+    bits = torch.bitwise_and(packed.unsqueeze(-1), weights).ne(0)
+    return bits.flatten()[:n].to(dtype)
 
 
 def packed_size(n: int) -> int:
