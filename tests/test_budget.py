@@ -252,3 +252,30 @@ def test_floor_groups_forced_last_step_give_the_same_mask_as_a_fresh_selection()
     fresh = model.sparsity.update_mask()
     assert torch.equal(sticky, fresh)
     assert int(fresh[head.offset:head.offset + head.numel].sum()) > math.ceil(0.01 * head.numel)
+
+
+def test_mixed_optimisers_resume_exactly(tmp_path):
+    """Adam for the scores, SGD for the search prompt (a GroupwiseOptimizer), multistep scores: the checkpoint
+    restores both inner optimisers and the run continues bit for bit."""
+    from safetensors.torch import load_file
+
+    base_dir = tmp_path / "base"
+    tiny_model("resnet_basic", num_labels=20).save_pretrained(base_dir)
+
+    def groups(out, **run):
+        return (ModelArguments(model_name_or_path=str(base_dir), input_size=16, pad_size=2),
+                DataArguments(dataset_name="digits", max_train_samples=64, max_eval_samples=32,
+                              per_device_train_batch_size=16, dataloader_num_workers=0),
+                PruningArguments(method="vpns", sparsity=0.8, search_epochs=2, finetune_epochs=1,
+                                 search_prompt_optimizer="sgd", score_schedule="multistep",
+                                 finetune_prompt_optimizer="adam"),
+                RunArguments(output_dir=str(out), seed=7, cpu=True, max_steps_per_epoch=2, torch_threads=1,
+                             dense_reference=False, **run))
+
+    full = run_pruning(*groups(tmp_path / "full"))
+    assert full["learning_rates"]["search/score_lr"] == pytest.approx(SCORE_LR_RULE(2 * 2 * 2))
+    resumed = run_pruning(*groups(tmp_path / "resumed",
+                                  resume_from_checkpoint=str(tmp_path / "full" / "checkpoints" / "stage0-epoch0")))
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["history"] == resumed["history"]
