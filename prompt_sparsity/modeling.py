@@ -224,6 +224,7 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         """Wrap a pretrained classifier (a model, a Hub id, a local dir, or a built-in name such as
         `"efficientnet-lite0"`). `head="new"` replaces the classifier with a fresh `num_labels`-way head;
         `head="pretrained"` keeps it (map classes later with `set_label_mapping`, e.g. from FLM)."""
+        from .integrity import load_checked, refuse_subnetwork_as_base
         from .pretrained import resolve_pretrained
 
         if head not in ("pretrained", "new"):
@@ -241,11 +242,15 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
                 labels = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
                 kwargs.update(num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
                 kwargs["ignore_mismatched_sizes"] = True
-            base_model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
+            refuse_subnetwork_as_base(load_checked(lambda: AutoConfig.from_pretrained(path, revision=revision),
+                                                   base_model, revision), base_model)
+            base_model = load_checked(lambda: AutoModelForImageClassification.from_pretrained(path, **kwargs),
+                                      name_or_path, revision)
         elif head == "new":
             raise ValueError("head='new' with a model instance: give the model with its new head already in place.")
         else:
             name_or_path = base_model.config.name_or_path or None
+        refuse_subnetwork_as_base(base_model.config, name_or_path)
         mean, std = _normalisation_of(base_model.config, name_or_path)
         size = input_size or _native_size(base_model.config)
         config = PromptedSparseConfig(
@@ -495,11 +500,24 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, but a tensor of the checkpoint that does not fit the model (a mask,
         score or prompt of the wrong size) is always refused with a clear error instead of re-initialised."""
+        from .integrity import load_checked, saved_num_labels
+
         want_info = kwargs.pop("output_loading_info", False)
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(
+        revision = kwargs.get("revision")
+        asked = kwargs.get("num_labels", len(kwargs.get("id2label") or {}) or None)
+        saved = saved_num_labels(pretrained_model_name_or_path, revision) if asked is not None else None
+        if saved is not None and asked != saved:
+            # The head (or label mapping) of a subnetwork is part of what was saved: a new count cannot reuse it.
+            raise ValueError(
+                f"{pretrained_model_name_or_path} was saved with {saved} labels; num_labels/id2label asks for {asked}. "
+                "Fix: load it without num_labels/id2label; to use the subnetwork on a dataset with another number "
+                "of classes, transfer it: `recipes/transfer.py --subnetwork ... --dataset_name ...` (it applies the "
+                "mask to the pretrained base and maps the new labels)."
+            )
+        model, info = load_checked(lambda: super(PromptedSparseModel, cls).from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        ), pretrained_model_name_or_path, revision)
         mismatched = [m for m in info["mismatched_keys"] if not ignore or not str(m[0]).startswith("model.")]
         if mismatched:
             detail = "; ".join(f"{m[0]}: checkpoint {list(m[1])} vs model {list(m[2])}" for m in mismatched[:3])

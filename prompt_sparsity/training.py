@@ -222,6 +222,9 @@ class PruningRun:
         if not os.path.isfile(os.path.join(path, STATE_FILE)):
             raise ValueError(f"{path} is not a checkpoint of this recipe (no {STATE_FILE}); pass a folder under "
                              f"<output_dir>/checkpoints/ or 'latest'.")
+        from .integrity import refuse_damaged_checkpoint
+
+        refuse_damaged_checkpoint(path, STATE_FILE)  # name a truncated file now, not deep inside load_state
         return path
 
     # ------------------------------------------------------------------ stages

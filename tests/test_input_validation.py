@@ -90,3 +90,127 @@ def test_train_split_with_a_single_present_class_is_refused(tmp_path):
 def test_splits_with_different_class_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"Split 'test' .* 3 classes .* split 'train' has 2 classes.*same ClassLabel"):
         load_image_dataset(_saved(tmp_path, [0, 1] * 3, [0, 1, 2], ["a", "b"], ["a", "b", "c"]))
+
+
+# ------------------------------------------------------------------ arguments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def parse():
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    try:
+        from common import parse
+    finally:
+        sys.path.remove(os.path.join(ROOT, "recipes"))
+    return parse
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("search_epochs", "-1"), ("finetune_epochs", "-2"), ("dense_epochs", "-1"),
+    ("score_lr", "0"), ("finetune_lr", "-0.01"), ("search_prompt_lr", "0"), ("hypernet_lr", "-1e-3"),
+    ("sparsity", "1.0"), ("sparsity", "-0.1"), ("flops_ratio", "0"), ("flops_ratio", "1.5"),
+    ("per_device_train_batch_size", "0"), ("per_device_eval_batch_size", "-8"),
+])
+def test_out_of_range_flags_are_refused_when_parsed(parse, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        parse([f"--{flag}={value}"])
+    err = capsys.readouterr().err
+    assert f"--{flag}=" in err and "it must be" in err
+
+
+def test_boundary_values_are_accepted(parse):
+    model, data, prune, run = parse(["--sparsity", "0", "--flops_ratio", "1", "--search_epochs", "0",
+                                     "--per_device_train_batch_size", "1"])
+    assert (prune.sparsity, prune.flops_ratio, prune.search_epochs, data.per_device_train_batch_size) == (0, 1, 0, 1)
+
+
+def test_bad_module_regex_is_refused_when_parsed(parse, capsys):
+    with pytest.raises(SystemExit):
+        parse(["--exclude_modules", "classifier", "conv[0-"])
+    err = capsys.readouterr().err
+    assert "--exclude_modules: 'conv[0-' is not a valid regular expression" in err
+
+
+# ------------------------------------------------------------------ models
+
+from prompt_sparsity import PromptedSparseModel  # noqa: E402
+
+
+def wrap(arch="resnet_basic", **kwargs):
+    return PromptedSparseModel.from_base(tiny_model(arch), input_size=S, output_size=S, pad_size=4, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def subnetwork(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sub") / "vpns-tiny"
+    model = wrap(sparsity=0.5)
+    model.set_label_mapping([3, 1, 4, 0, 9, 2, 6, 5, 8, 7], {i: f"c{i}" for i in range(10)})
+    model.save_pretrained(path)
+    return path
+
+
+def test_missing_model_path_names_the_path(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    for load in (PromptedSparseModel.from_base, PromptedSparseModel.from_pretrained):
+        with pytest.raises(OSError, match=r"no local folder '.*no-such-model'.*check the path"):
+            load(missing)
+    # a string that could be a Hub id: not found offline, and it says both
+    with pytest.raises(OSError, match=r"no local folder 'nobody/nothing-here'.*not in the local Hugging Face cache"):
+        PromptedSparseModel.from_base("nobody/nothing-here")
+
+
+def test_saved_subnetwork_is_refused_as_a_base(subnetwork):
+    with pytest.raises(ValueError, match=r"saved prompt_sparsity subnetwork.*prompt twice.*"
+                                         r"PromptedSparseModel.from_pretrained.*recipes/transfer.py --subnetwork"):
+        PromptedSparseModel.from_base(str(subnetwork))
+    loaded = PromptedSparseModel.from_pretrained(subnetwork)
+    with pytest.raises(ValueError, match="prompt twice"):
+        PromptedSparseModel.from_base(loaded)
+
+
+def test_saved_subnetwork_is_refused_by_the_recipe(subnetwork, tmp_path):
+    from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
+    from prompt_sparsity.training import run_pruning
+
+    with pytest.raises(ValueError, match="prompt twice"):
+        run_pruning(ModelArguments(model_name_or_path=str(subnetwork), input_size=16, pad_size=2),
+                    DataArguments(dataset_name="digits", max_train_samples=20, max_eval_samples=10),
+                    PruningArguments(), RunArguments(output_dir=str(tmp_path / "out"), cpu=True))
+
+
+def test_other_number_of_labels_is_refused(subnetwork):
+    with pytest.raises(ValueError, match=r"saved with 10 labels; num_labels/id2label asks for 3.*transfer"):
+        PromptedSparseModel.from_pretrained(subnetwork, num_labels=3)
+    with pytest.raises(ValueError, match="saved with 10 labels"):
+        PromptedSparseModel.from_pretrained(subnetwork, id2label={0: "a", 1: "b"})
+    same = PromptedSparseModel.from_pretrained(subnetwork, num_labels=10)  # the saved count is fine
+    assert same.config.num_labels == 10 and same.config.label_mapping == [3, 1, 4, 0, 9, 2, 6, 5, 8, 7]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupted_safetensors_names_the_file(subnetwork, tmp_path, damage):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(subnetwork, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncate": data[: len(data) * 2 // 3], "garbage": os.urandom(1000), "empty": b""}[damage])
+    with pytest.raises(ValueError, match=r"model.safetensors is corrupted or incomplete.*save or download"):
+        PromptedSparseModel.from_pretrained(bad)
+
+
+def test_bad_module_regexes_name_the_flag():
+    with pytest.raises(ValueError, match=r"--target_modules: 'conv\[' is not a valid regular expression"):
+        wrap(sparsity=0.5, target_modules=["conv["])
+    with pytest.raises(ValueError, match=r"--exclude_modules 'clasifier' matches no Conv2d/Linear module"):
+        wrap(sparsity=0.5, exclude_modules=["clasifier"])
+    with pytest.raises(ValueError, match=r"--target_modules 'nothing' matches no Conv2d/Linear"):
+        wrap(sparsity=0.5, target_modules=["encoder", "nothing"])
+    with pytest.raises(ValueError, match=r"is left to prune.*target_modules=\['classifier'\] minus exclude"):
+        wrap(sparsity=0.5, target_modules=["classifier"], exclude_modules=["classifier"])
+    assert len(wrap(sparsity=0.5, exclude_modules=[r"^classifier"]).sparsity.layers) > 0
