@@ -214,3 +214,67 @@ def test_bad_module_regexes_name_the_flag():
     with pytest.raises(ValueError, match=r"is left to prune.*target_modules=\['classifier'\] minus exclude"):
         wrap(sparsity=0.5, target_modules=["classifier"], exclude_modules=["classifier"])
     assert len(wrap(sparsity=0.5, exclude_modules=[r"^classifier"]).sparsity.layers) > 0
+
+
+# ------------------------------------------------------------------ runs: resume and transfer
+
+
+def _run_args(base, out, **over):
+    from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
+
+    groups = (ModelArguments(model_name_or_path=str(base), input_size=16, pad_size=2, mask_size=8),
+              DataArguments(dataset_name="digits", max_train_samples=32, max_eval_samples=16,
+                            per_device_train_batch_size=16, per_device_eval_batch_size=16, dataloader_num_workers=0),
+              PruningArguments(sparsity=0.5, search_epochs=1, finetune_epochs=1),
+              RunArguments(output_dir=str(out), cpu=True, max_steps_per_epoch=1, torch_threads=1))
+    for key, value in over.items():
+        setattr(next(g for g in groups if hasattr(g, key)), key, value)
+    return groups
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny-resnet"
+    tiny_model("resnet_basic", num_labels=20).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(base_dir, tmp_path_factory):
+    from prompt_sparsity.training import run_pruning
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_pruning(*_run_args(base_dir, out))
+    return out
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
+def test_resume_from_a_damaged_checkpoint_names_the_file(base_dir, finished_run, tmp_path, victim):
+    import shutil
+
+    from prompt_sparsity.training import run_pruning
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    ckpt = out / "checkpoints" / "stage1-epoch0"
+    data = (ckpt / victim).read_bytes()
+    (ckpt / victim).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"checkpoint .*stage1-epoch0 is corrupted or incomplete - {victim}.*"
+                                         r"intact ones next to it: stage0-epoch0"):
+        run_pruning(*_run_args(base_dir, out, resume_from_checkpoint="latest"))
+
+
+def test_transfer_of_a_new_head_to_another_class_count_says_so(base_dir, tmp_path):
+    from prompt_sparsity.training import run_pruning, run_transfer
+    from prompt_sparsity.transfer import TransferArguments
+
+    source = tmp_path / "source"
+    run_pruning(*_run_args(base_dir, source, head="new", checkpointing=False))  # digits: 10 classes
+    folder = tmp_path / "three"
+    for split, n in (("train", 6), ("test", 3)):
+        for c, colour in enumerate(((250, 0, 0), (0, 250, 0), (0, 0, 250))):
+            for i in range(n):
+                _save(PILImage.new("RGB", (16, 16), colour), str(folder / split / f"class{c}" / f"{i}.png"))
+    with pytest.raises(ValueError, match=r"new 10-class head .*this dataset has 3 classes.*--exclude_modules"):
+        run_transfer(*_run_args(base_dir, tmp_path / "t", dataset_name=str(folder), checkpointing=False),
+                     TransferArguments(subnetwork=str(source)))
