@@ -74,19 +74,30 @@ def reinitialise(model: torch.nn.Module, calibration_batch: int = 16) -> None:
         for pname, param in module.named_parameters(recurse=False):
             if "layer_scale" in pname or pname in ("gamma", "lambda1", "lambda2"):
                 param.uniform_(0.5, 1.5)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batch
-        model.train()
-        model(torch.randn(calibration_batch, 3, IMAGE_SIZE, IMAGE_SIZE))
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-            m.running_mean.add_(torch.empty_like(m.running_mean).uniform_(-0.2, 0.2) * m.running_var.sqrt())
-            m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.7, 1.4))
+    bns = calibrate_norm_statistics(model, torch.randn(calibration_batch, 3, IMAGE_SIZE, IMAGE_SIZE))
+    for m in bns:
+        m.running_mean.add_(torch.empty_like(m.running_mean).uniform_(-0.2, 0.2) * m.running_var.sqrt())
+        m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.7, 1.4))
     model.eval()
+
+
+@torch.no_grad()
+def calibrate_norm_statistics(model: torch.nn.Module, inputs: torch.Tensor) -> list:
+    """Set every BatchNorm's running statistics to those of `inputs` through the model as it is now (e.g. with its
+    mask applied), as training in train mode would. Without it a 90%-pruned random net in eval mode carries the
+    dense net's statistics, its activations collapse to the norm biases, and its logits no longer depend on the
+    input. Returns the BatchNorm modules; the model is left in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: exactly the statistics of this batch
+    model.train()
+    model(inputs)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
+    return bns
 
 
 def launch_two_cpu_processes(recipe: str, base_dir: str, output_dir, *extra: str):
