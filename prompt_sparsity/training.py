@@ -631,7 +631,7 @@ class TransferRun(PruningRun):
     def apply_transfer(self) -> None:
         from .transfer import apply_subnetwork
 
-        apply_subnetwork(self.model, self.source, self.tensors)
+        apply_subnetwork(self.model, self.source, self.tensors, num_labels=self.data.num_labels)
 
     def results(self, final, wall):
         out = super().results(final, wall)

@@ -95,8 +95,18 @@ def _refuse_other_class_count(model, config: PromptedSparseConfig) -> None:
 
 
 @torch.no_grad()
-def apply_subnetwork(model, config: PromptedSparseConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Install the transferred mask / structure / hypernetwork / prompt into a freshly wrapped pretrained model."""
+def apply_subnetwork(model, config: PromptedSparseConfig, tensors: dict[str, torch.Tensor],
+                     num_labels: int | None = None) -> None:
+    """Install the transferred mask / structure / hypernetwork / prompt into a freshly wrapped pretrained model
+    (`num_labels`: the new dataset's class count, checked against what the subnetwork's head can serve)."""
+    source = model.model.config.num_labels
+    if num_labels is not None and config.head == "pretrained" and num_labels > source:
+        raise ValueError(
+            f"the subnetwork keeps the pretrained {source}-class head (head='pretrained') and reads the new classes "
+            f"from its outputs (label mapping), which needs at least as many outputs as this dataset's {num_labels} "
+            f"classes. Fix: transfer to a dataset with at most {source} classes, or search a subnetwork with a new "
+            "head kept out of the mask (--head new --exclude_modules <classifier>), which transfers to any class count."
+        )
     if model.sparsity is not None:
         if [list(x) for x in model.config.pruned_layers] != [list(x) for x in config.pruned_layers]:
             _refuse_other_class_count(model, config)

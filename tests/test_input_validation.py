@@ -264,17 +264,48 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(base_dir, finished_run,
         run_pruning(*_run_args(base_dir, out, resume_from_checkpoint="latest"))
 
 
+def _three_class_folder(root):
+    for split, n in (("train", 6), ("test", 3)):
+        for c, colour in enumerate(((250, 0, 0), (0, 250, 0), (0, 0, 250))):
+            for i in range(n):
+                _save(PILImage.new("RGB", (16, 16), colour), str(root / split / f"class{c}" / f"{i}.png"))
+    return str(root)
+
+
 def test_transfer_of_a_new_head_to_another_class_count_says_so(base_dir, tmp_path):
     from prompt_sparsity.training import run_pruning, run_transfer
     from prompt_sparsity.transfer import TransferArguments
 
+    three = _three_class_folder(tmp_path / "three")
     source = tmp_path / "source"
-    run_pruning(*_run_args(base_dir, source, head="new", checkpointing=False))  # digits: 10 classes
-    folder = tmp_path / "three"
-    for split, n in (("train", 6), ("test", 3)):
-        for c, colour in enumerate(((250, 0, 0), (0, 250, 0), (0, 0, 250))):
-            for i in range(n):
-                _save(PILImage.new("RGB", (16, 16), colour), str(folder / split / f"class{c}" / f"{i}.png"))
+    quick = dict(checkpointing=False, search_epochs=0, finetune_epochs=0)  # only the structure matters here
+    run_pruning(*_run_args(base_dir, source, head="new", **quick))  # digits: 10 classes
     with pytest.raises(ValueError, match=r"new 10-class head .*this dataset has 3 classes.*--exclude_modules"):
-        run_transfer(*_run_args(base_dir, tmp_path / "t", dataset_name=str(folder), checkpointing=False),
+        run_transfer(*_run_args(base_dir, tmp_path / "t", dataset_name=three, **quick),
                      TransferArguments(subnetwork=str(source)))
+    # The fix the message gives works: a new head kept out of the mask transfers to 3 classes.
+    kept_out = tmp_path / "kept-out"
+    run_pruning(*_run_args(base_dir, kept_out, head="new", exclude_modules=["^classifier"], **quick))
+    results = run_transfer(*_run_args(base_dir, tmp_path / "t2", dataset_name=three, **quick),
+                           TransferArguments(subnetwork=str(kept_out)))
+    assert results["num_labels"] == 3 and results["sparsity"] > 0.4
+
+
+def test_transfer_of_a_pretrained_head_to_more_classes_says_so(tmp_path):
+    from prompt_sparsity.training import run_pruning, run_transfer
+    from prompt_sparsity.transfer import TransferArguments
+
+    base = tmp_path / "base3"
+    tiny_model("resnet_basic", num_labels=3).save_pretrained(base)
+    source = tmp_path / "source"
+    quick = dict(checkpointing=False, search_epochs=0, finetune_epochs=0)
+    run_pruning(*_run_args(base, source, dataset_name=_three_class_folder(tmp_path / "three"), **quick))
+    with pytest.raises(ValueError, match=r"pretrained 3-class head .*this dataset's 10 classes.*--head new"):
+        run_transfer(*_run_args(base, tmp_path / "t", **quick), TransferArguments(subnetwork=str(source)))
+
+
+def test_missing_subnetwork_for_transfer_names_the_path():
+    from prompt_sparsity.transfer import load_subnetwork_config
+
+    with pytest.raises(OSError, match=r"no local folder 'outputs/nothing-here'.*check the path"):
+        load_subnetwork_config("outputs/nothing-here")
