@@ -172,7 +172,8 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         found = {
             name: tuple(module.weight.shape)
             for name, module in find_prunable_layers(
-                self.model, self.config.target_modules, self.config.exclude_modules
+                self.model, self.config.target_modules, self.config.exclude_modules,
+                every_pattern_matches=self.config.pruned_layers is None,  # new masks only: saved ones still load
             )
         }
         recorded = self.config.pruned_layers
@@ -242,10 +243,11 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
                 labels = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
                 kwargs.update(num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
                 kwargs["ignore_mismatched_sizes"] = True
+            # Checked before the weights load: a subnetwork here would be wrapped again (its prompt applied twice).
             refuse_subnetwork_as_base(load_checked(lambda: AutoConfig.from_pretrained(path, revision=revision),
-                                                   base_model, revision), base_model)
+                                                   path, revision), name_or_path)
             base_model = load_checked(lambda: AutoModelForImageClassification.from_pretrained(path, **kwargs),
-                                      name_or_path, revision)
+                                      path, revision)
         elif head == "new":
             raise ValueError("head='new' with a model instance: give the model with its new head already in place.")
         else:

@@ -309,3 +309,14 @@ def test_missing_subnetwork_for_transfer_names_the_path():
 
     with pytest.raises(OSError, match=r"no local folder 'outputs/nothing-here'.*check the path"):
         load_subnetwork_config("outputs/nothing-here")
+
+
+def test_saved_subnetwork_with_a_pattern_matching_nothing_still_loads(tmp_path):
+    """The every-pattern-matches check guards new masks; a subnetwork saved before it existed must still load."""
+    model = wrap(sparsity=0.5, exclude_modules=[r"^classifier"])
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["exclude_modules"] = [r"^classifier", "no-such-module"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = PromptedSparseModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.sparsity.mask(), model.sparsity.mask())

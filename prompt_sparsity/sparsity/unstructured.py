@@ -31,14 +31,17 @@ class PrunedLayer:
         return f"{self.name}.weight"
 
 
-def find_prunable_layers(model: nn.Module, target_modules=None, exclude_modules=None) -> list[tuple[str, nn.Module]]:
-    """Conv2d and Linear modules of `model` (every one by default), filtered by regular expressions on names."""
+def find_prunable_layers(model: nn.Module, target_modules=None, exclude_modules=None,
+                         every_pattern_matches: bool = True) -> list[tuple[str, nn.Module]]:
+    """Conv2d and Linear modules of `model` (every one by default), filtered by regular expressions on names.
+    `every_pattern_matches`: refuse a pattern that matches no module (a typo that would silently prune or keep
+    everything)."""
     include, exclude = _compile("target_modules", target_modules), _compile("exclude_modules", exclude_modules)
     candidates = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, (nn.Conv2d, nn.Linear)) and getattr(module, "weight", None) is not None]
     examples = ", ".join(repr(n) for n, _ in candidates[:2] + candidates[-1:])
-    for flag, patterns in (("target_modules", include), ("exclude_modules", exclude)):
-        for p in patterns:  # a pattern matching nothing is a typo that would silently prune (or keep) everything
+    for flag, patterns in (("target_modules", include), ("exclude_modules", exclude)) if every_pattern_matches else ():
+        for p in patterns:
             if not any(p.search(name) for name, _ in candidates):
                 raise ValueError(
                     f"--{flag} {p.pattern!r} matches no Conv2d/Linear module of {type(model).__name__}. Fix: correct "
