@@ -184,14 +184,32 @@ def load_checked(load, name_or_path, revision: str | None = None):
         raise
 
 
-def saved_num_labels(name_or_path, revision: str | None = None) -> int | None:
-    """The number of classes recorded in a saved model's config.json (None if it cannot be read)."""
+def saved_config(name_or_path, revision: str | None = None) -> dict | None:
+    """A saved model's config.json as a dict (None if it cannot be read: the load itself then says why)."""
     from transformers import PretrainedConfig
 
     try:
         data, _ = PretrainedConfig.get_config_dict(str(name_or_path), revision=revision)
     except (OSError, ValueError):
         return None
+    return data
+
+
+def saved_num_labels(data: dict | None) -> int | None:
+    """The number of classes recorded in a saved config dict."""
+    if not data:
+        return None
     if data.get("id2label"):
         return len(data["id2label"])
     return data.get("num_labels")
+
+
+def refuse_plain_model_as_subnetwork(data: dict | None, name) -> None:
+    """`PromptedSparseModel.from_pretrained` on a plain classifier would build a default base and load nothing."""
+    model_type = (data or {}).get("model_type")
+    if model_type and model_type != "prompted_sparse":
+        raise ValueError(
+            f"{name} is a plain {model_type!r} model, not a saved prompt_sparsity subnetwork (config model_type "
+            "'prompted_sparse'): none of its weights would load. Fix: wrap it with PromptedSparseModel.from_base("
+            f"{str(name)!r}, ...) or pass it as --model_name_or_path to recipes/vpns.py or recipes/pass.py."
+        )

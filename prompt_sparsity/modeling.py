@@ -502,13 +502,15 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, but a tensor of the checkpoint that does not fit the model (a mask,
         score or prompt of the wrong size) is always refused with a clear error instead of re-initialised."""
-        from .integrity import load_checked, saved_num_labels
+        from .integrity import load_checked, refuse_plain_model_as_subnetwork, saved_config, saved_num_labels
 
         want_info = kwargs.pop("output_loading_info", False)
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
         revision = kwargs.get("revision")
+        stored = saved_config(pretrained_model_name_or_path, revision)
+        refuse_plain_model_as_subnetwork(stored, pretrained_model_name_or_path)
         asked = kwargs.get("num_labels", len(kwargs.get("id2label") or {}) or None)
-        saved = saved_num_labels(pretrained_model_name_or_path, revision) if asked is not None else None
+        saved = saved_num_labels(stored) if asked is not None else None
         if saved is not None and asked != saved:
             # The head (or label mapping) of a subnetwork is part of what was saved: a new count cannot reuse it.
             raise ValueError(

@@ -182,6 +182,13 @@ def test_saved_subnetwork_is_refused_by_the_recipe(subnetwork, tmp_path):
                     PruningArguments(), RunArguments(output_dir=str(tmp_path / "out"), cpu=True))
 
 
+def test_plain_model_is_refused_as_a_subnetwork(tmp_path):
+    """It used to build a default base from scratch and load none of the weights, silently."""
+    tiny_model("resnet_basic").save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"plain 'resnet' model, not a saved prompt_sparsity subnetwork.*from_base"):
+        PromptedSparseModel.from_pretrained(tmp_path / "plain")
+
+
 def test_other_number_of_labels_is_refused(subnetwork):
     with pytest.raises(ValueError, match=r"saved with 10 labels; num_labels/id2label asks for 3.*transfer"):
         PromptedSparseModel.from_pretrained(subnetwork, num_labels=3)
