@@ -30,7 +30,8 @@ def missing_source_error(name: str, revision: str | None = None, cause: BaseExce
             "with config.json and model.safetensors, as written by save_pretrained)."
         )
     where = ("it is not in the local Hugging Face cache (offline mode is on: HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE
-             else "it could not be fetched from the Hub" + (f" ({type(cause).__name__})" if cause else ""))
+             else "it could not be fetched from the Hub (misspelt, private or gated?"
+             + (f" {type(cause).__name__}: {str(cause).splitlines()[0][:200]}" if cause else "") + ")")
     rev = f" at revision {revision!r}" if revision else ""
     return OSError(
         f"There is no local folder {name!r}, and as a Hub repo id{rev} {where}. Fix: check the path or the repo id; "
