@@ -4,7 +4,8 @@ pruned to 90% on a Fashion-MNIST subset, small enough for ~10 minutes on 2 CPU c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from .methods import METHODS, get_method
@@ -37,6 +38,10 @@ class ModelArguments:
         default=True, metadata={"help": "Whether the saved model applies the prompt at inference."}
     )
 
+    def __post_init__(self):  # value checks at argument time, naming the flag
+        for name in ("input_size", "output_size"):
+            _require(self, name, lambda v: v is None or v > 0, "a positive integer")
+
 
 @dataclass
 class DataArguments:
@@ -53,6 +58,13 @@ class DataArguments:
     per_device_train_batch_size: int = field(default=64)
     per_device_eval_batch_size: int = field(default=128)
     dataloader_num_workers: int = field(default=1)
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "max_train_samples",
+                     "max_eval_samples"):
+            _require(self, name, lambda v: v is None or v > 0, "a positive integer")
+        _require(self, "dataloader_num_workers", lambda v: v >= 0, "0 (load in the main process) or more")
+        _require(self, "validation_fraction", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.1")
 
 
 @dataclass
@@ -135,6 +147,25 @@ class PruningArguments:
 
     def __post_init__(self):
         get_method(self.method)  # built in code rather than parsed: the same clear error as a bad --method
+        for f in fields(self):  # every *_epochs and *_lr field, including ones added later
+            if f.name.endswith("_epochs"):
+                _require(self, f.name, lambda v: v >= 0, "0 (skip the stage) or more")
+            elif f.name.endswith("_lr") and not (isinstance(getattr(self, f.name), str)
+                                                 and getattr(self, f.name).strip().lower() == "auto"):
+                _require(self, f.name, lambda v: float(v) > 0, "a positive learning rate, e.g. 1e-3 (or 'auto' "
+                         "where the help says so)")
+        _require(self, "sparsity", lambda v: 0 <= v < 1, "in [0, 1): the fraction of weights removed, e.g. 0.9")
+        _require(self, "flops_ratio", lambda v: 0 < v <= 1, "in (0, 1]: the fraction of FLOPs kept, e.g. 0.5")
+        _require(self, "warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
+        for name in ("pruner_batches", "synflow_iterations", "min_channels", "hypernet_hidden_size"):
+            _require(self, name, lambda v: v > 0, "a positive integer")
+        for name in ("target_modules", "exclude_modules"):
+            for pattern in getattr(self, name) or []:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"--{name}: {pattern!r} is not a valid regular expression ({err}). Fix: "
+                                     "escape special characters (e.g. '\\.' for a dot) or correct the pattern.") from None
 
 
 @dataclass
@@ -167,3 +198,17 @@ class RunArguments:
     push_to_hub: bool = field(default=False)
     hub_model_id: str | None = field(default=None, metadata={"help": "Default: a name derived from the run."})
     hub_private: bool = field(default=False)
+
+    def __post_init__(self):
+        _require(self, "max_steps_per_epoch", lambda v: v is None or v > 0, "a positive integer")
+        _require(self, "torch_threads", lambda v: v is None or v > 0, "a positive integer")
+
+
+def _require(args, name: str, ok, what: str) -> None:
+    value = getattr(args, name)
+    try:
+        good = not isinstance(value, bool) and ok(value)
+    except (TypeError, ValueError):  # e.g. a string where a number belongs
+        good = False
+    if not good:
+        raise ValueError(f"--{name}={value!r} is invalid: it must be {what}.")

@@ -21,6 +21,12 @@ Sources accepted by :func:`load_image_dataset`:
 
 Images are *not* normalised here: :func:`build_transform` gives float tensors in ``[0, 1]``;
 normalisation with the model's mean/std happens inside the model, after the visual prompt.
+Images of more than 8 bits per pixel (16-bit PNGs) are scaled to 8 bits by :func:`to_rgb` in
+:func:`build_transform` / :func:`make_dataloader`; reading ``split[i]["image"]`` directly goes
+through ``datasets``' own RGB conversion, which clips them (use ``split.cast_column("image",
+datasets.Image())`` and :func:`to_rgb` for such images).
+
+Every data set has at least 2 classes, and every split of it the same class names.
 
 Importing this module has no side effects; ``datasets``/``torch``/``torchvision`` are imported
 lazily by the functions that need them.
@@ -52,6 +58,7 @@ __all__ = [
     "collate_fn",
     "load_image_dataset",
     "make_dataloader",
+    "to_rgb",
 ]
 
 #: Names of the built-in offline data sets (see :func:`load_image_dataset`).
@@ -438,6 +445,23 @@ def _folder_has_images(path: str, max_entries: int = 100_000) -> bool:
     return False
 
 
+def _refuse_single_class_folder(path: str) -> None:
+    """The imagefolder builder drops the labels of a folder with one class subfolder: say so, not 'no label'."""
+    split_names = {n.lower() for n in TRAIN_SPLIT_NAMES + VALIDATION_SPLIT_NAMES + TEST_SPLIT_NAMES}
+    classes = set()
+    for root, _dirs, files in os.walk(path):
+        if any(os.path.splitext(f)[1].lower() in _IMAGE_EXTENSIONS for f in files):
+            name = os.path.basename(root)
+            if os.path.normpath(root) != os.path.normpath(path) and name.lower() not in split_names:
+                classes.add(name)
+    if len(classes) == 1:
+        raise ValueError(
+            f"The image folder {path!r} has only one class subfolder ({classes.pop()!r}): a classifier trained on "
+            "it is trivially 100% accurate. Fix: add a subfolder of images for every other class (at least 2), "
+            "e.g. train/cat/, train/dog/."
+        )
+
+
 def _load_local_folder(path: str, cache_dir: Optional[str], config_name: Optional[str]) -> Mapping[str, "datasets.Dataset"]:
     import datasets
 
@@ -446,8 +470,9 @@ def _load_local_folder(path: str, cache_dir: Optional[str], config_name: Optiona
         return {"train": loaded} if isinstance(loaded, datasets.Dataset) else loaded
     try:
         if _folder_has_images(path):
-            return datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
-        return datasets.load_dataset(path, config_name, cache_dir=cache_dir)
+            loaded = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+        else:
+            return datasets.load_dataset(path, config_name, cache_dir=cache_dir)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(
             f"Could not read the local folder {path!r} as an image data set ({type(err).__name__}: {err}). "
@@ -455,6 +480,9 @@ def _load_local_folder(path: str, cache_dir: Optional[str], config_name: Optiona
             "each with one subfolder of images per class (or just one subfolder per class) - "
             "or point to a folder written by Dataset.save_to_disk."
         ) from err
+    if all("label" not in ds.column_names for ds in loaded.values()):
+        _refuse_single_class_folder(path)
+    return loaded
 
 
 def _load_hub_dataset(name: str, cache_dir: Optional[str], config_name: Optional[str]) -> Mapping[str, "datasets.Dataset"]:
@@ -584,9 +612,19 @@ def _standardise_splits(
             ds = ds.rename_columns(rename)
         out[split] = ds
 
-    label_feature = next(iter(out.values())).features["label"]
+    first_split, label_feature = next(iter(out.items()))[0], next(iter(out.values())).features["label"]
     if isinstance(label_feature, ClassLabel):
         names = list(label_feature.names)
+        for split, ds in out.items():
+            other = ds.features["label"]
+            # Casting one ClassLabel to another keeps the ids, so different names would silently relabel a split.
+            if isinstance(other, ClassLabel) and list(other.names) != names:
+                raise ValueError(
+                    f"Split {split!r} of {source!r} has {other.num_classes} classes {list(other.names)[:10]} but split "
+                    f"{first_split!r} has {len(names)} classes {names[:10]}: the class ids would mean different "
+                    "classes. Fix: give every split the same ClassLabel names in the same order "
+                    "(ds.cast_column('label', datasets.ClassLabel(names=[...])) after remapping the ids)."
+                )
     elif isinstance(label_feature, Value) and label_feature.dtype in ("string", "large_string"):
         values = set()
         for ds in out.values():
@@ -608,6 +646,12 @@ def _standardise_splits(
         )
     if not names:
         raise ValueError(f"{source!r} has no classes in its label column {lbl_col!r}. Fix: check the data.")
+    if len(names) < 2:
+        raise ValueError(
+            f"{source!r} has only one class ({names[0]!r}) in its label column {lbl_col!r}: a classifier trained on "
+            "it is trivially 100% accurate. Fix: use a data set with at least 2 classes (an image folder needs one "
+            "subfolder per class, e.g. train/cat/, train/dog/)."
+        )
 
     image_feature, label_feature = Image(mode="RGB"), ClassLabel(names=names)
     for split, ds in out.items():
@@ -737,6 +781,16 @@ def _plan_splits(
     for split, (src, idx) in list(plan.items()):
         idx = _balanced_subset(idx, labels[src][idx], limits[split], seed, _SALT_SUBSET[split])
         plan[split] = (src, np.asarray(idx, dtype=np.int64))
+    present = np.unique(labels[train_name][plan["train"][1]])
+    if len(present) < 2:
+        raise ValueError(
+            f"The train split of {source!r} holds only class id(s) {present.tolist()} of its {num_labels} classes: "
+            "training on a single class is trivially 100% accurate. Fix: put examples of at least 2 classes in "
+            "train (check the labels, or raise max_train_samples)."
+        )
+    if len(present) < num_labels:
+        logger.warning("The train split of %r has examples of %d of its %d classes; the others cannot be learned.",
+                       source, len(present), num_labels)
     return {k: plan[k] for k in ("train", "validation", "test")}
 
 
@@ -866,15 +920,39 @@ def load_image_dataset(
 # --------------------------------------------------------------------------------------------
 
 
+# PIL modes holding more than 8 bits per pixel. PIL's own `convert("RGB")` clips their values at 255 (a 16-bit
+# image turns white), so they are scaled down instead.
+_HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def to_rgb(image):
+    """Any PIL image (or array) -> 8-bit RGB PIL image. 16-bit gray (``I;16*``, and ``I``, as which PIL opens
+    16-bit PNGs) is divided by 257 (65535 -> 255); ``I`` values beyond 16 bits by the 32-bit maximum; float (``F``)
+    images in [0, 1] are multiplied by 255 (otherwise treated like ``I``)."""
+    from PIL import Image as PILImage
+
+    if not isinstance(image, PILImage.Image):
+        image = PILImage.fromarray(np.asarray(image))
+    if image.mode == "RGB":
+        return image
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255.0
+        elif not values.size or values.max() <= 65535:
+            values = values / 257.0
+        else:
+            values = values / (2**32 - 1) * 255.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return PILImage.fromarray(gray, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 class _ToRGB:
-    """PIL image (any mode) -> RGB PIL image; picklable for DataLoader workers."""
+    """PIL image (any mode) -> RGB PIL image (see :func:`to_rgb`); picklable for DataLoader workers."""
 
     def __call__(self, image):
-        from PIL import Image as PILImage
-
-        if not isinstance(image, PILImage.Image):
-            image = PILImage.fromarray(np.asarray(image))
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return to_rgb(image)
 
     def __repr__(self) -> str:
         return "ToRGB()"
@@ -973,6 +1051,12 @@ def make_dataloader(
         raise ValueError("make_dataloader got an empty dataset. Fix: check max_*_samples / the split.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    import datasets
+
+    if isinstance(dataset.features.get("image"), datasets.Image) and dataset.features["image"].mode is not None:
+        # Decode each image in its own mode (a metadata-only cast): the transform's `to_rgb` scales 16-bit images,
+        # where the feature's own RGB conversion would clip them to white.
+        dataset = dataset.cast_column("image", datasets.Image())
     transformed = dataset.with_transform(ImageLabelTransform(input_size, train_transform), columns=["image", "label"])
     generator = None
     if seed is not None:

@@ -696,11 +696,17 @@ def download_subnetwork(repo_id_or_path: str | os.PathLike, *, revision: str | N
         return str(repo_id_or_path)
     repo_id = str(repo_id_or_path)
     patterns = list(_METADATA_FILES) + (list(_WEIGHT_FILES) if include_weights else [])
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from .integrity import missing_source_error
+
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token)
     except HFValidationError as exc:
         raise ValueError(f"{repo_id!r} is neither an existing local directory nor a valid Hub repo id "
-                         "('org/name').") from exc
+                         "('org/name'); check the path.") from exc
+    except LocalEntryNotFoundError as exc:  # offline and not cached: say it is no folder either
+        raise missing_source_error(repo_id, revision, exc) from exc
     except HfHubHTTPError as exc:
         clear = _clear_not_found(exc, repo_id, revision)
         if clear is None:

@@ -227,7 +227,8 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         found = {
             name: tuple(module.weight.shape)
             for name, module in find_prunable_layers(
-                self.model, self.config.target_modules, self.config.exclude_modules
+                self.model, self.config.target_modules, self.config.exclude_modules,
+                every_pattern_matches=self.config.pruned_layers is None,  # new masks only: saved ones still load
             )
         }
         recorded = self.config.pruned_layers
@@ -287,6 +288,7 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         A model instance is deep-copied: the caller's object is neither changed (weights, train/eval mode) nor
         shared. Like `from_pretrained`, the result is in eval mode; `start_mask_search()` and the other stage
         methods switch it to training."""
+        from .integrity import load_checked, refuse_subnetwork_as_base
         from .pretrained import resolve_pretrained
 
         load_kwargs = {k: kwargs.pop(k) for k in LOADING_KWARGS if k in kwargs}
@@ -308,7 +310,13 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
                 labels = id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
                 kwargs_base.update(num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()})
                 kwargs_base["ignore_mismatched_sizes"] = True
-            base_model = AutoModelForImageClassification.from_pretrained(path, **kwargs_base)
+            revision = load_kwargs.get("revision")
+            config_kwargs = {k: v for k, v in load_kwargs.items() if k != "dtype"}
+            # Checked before the weights load: a subnetwork here would be wrapped again (its prompt applied twice).
+            refuse_subnetwork_as_base(load_checked(lambda: AutoConfig.from_pretrained(path, **config_kwargs),
+                                                   path, revision), name_or_path)
+            base_model = load_checked(lambda: AutoModelForImageClassification.from_pretrained(path, **kwargs_base),
+                                      path, revision)
         elif head == "new":
             raise ValueError("head='new' with a model instance: give the model with its new head already in place.")
         else:
@@ -319,6 +327,7 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
                     "(convert an instance with model.to(dtype))."
                 )
             name_or_path = base_model.config.name_or_path or None
+            refuse_subnetwork_as_base(base_model.config, name_or_path)
             base_model = copy.deepcopy(base_model)  # ours to train and to switch between train/eval
         mean, std = _normalisation_of(base_model.config, name_or_path, load_kwargs)
         size = input_size or _native_size(base_model.config)
@@ -623,11 +632,26 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, but a tensor of the checkpoint that does not fit the model (a mask,
         score or prompt of the wrong size) is always refused with a clear error instead of re-initialised."""
+        from .integrity import load_checked, refuse_plain_model_as_subnetwork, saved_config, saved_num_labels
+
         want_info = kwargs.pop("output_loading_info", False)
         ignore = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(
+        revision = kwargs.get("revision")
+        stored = saved_config(pretrained_model_name_or_path, revision)
+        refuse_plain_model_as_subnetwork(stored, pretrained_model_name_or_path)
+        asked = kwargs.get("num_labels", len(kwargs.get("id2label") or {}) or None)
+        saved = saved_num_labels(stored) if asked is not None else None
+        if saved is not None and asked != saved:
+            # The head (or label mapping) of a subnetwork is part of what was saved: a new count cannot reuse it.
+            raise ValueError(
+                f"{pretrained_model_name_or_path} was saved with {saved} labels; num_labels/id2label asks for {asked}. "
+                "Fix: load it without num_labels/id2label; to use the subnetwork on a dataset with another number "
+                "of classes, transfer it: `recipes/transfer.py --subnetwork ... --dataset_name ...` (it applies the "
+                "mask to the pretrained base and maps the new labels)."
+            )
+        model, info = load_checked(lambda: super(PromptedSparseModel, cls).from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        ), pretrained_model_name_or_path, revision)
         mismatched = [m for m in info["mismatched_keys"] if not ignore or not str(m[0]).startswith("model.")]
         if mismatched:
             detail = "; ".join(f"{m[0]}: checkpoint {list(m[1])} vs model {list(m[2])}" for m in mismatched[:3])

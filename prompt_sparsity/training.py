@@ -187,9 +187,15 @@ class PruningRun:
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
     def find_resume_checkpoint(self) -> str | None:
-        """The checkpoint to resume from: only one of this run (same settings), see `resolve_resume_checkpoint`."""
-        return resolve_resume_checkpoint(self.run_args.resume_from_checkpoint, self.output_dir, self.settings(),
+        """The checkpoint to resume from: only one of this run (same settings), see `resolve_resume_checkpoint`;
+        a checkpoint with a damaged file is refused here, naming the file (not deep inside the load)."""
+        from .integrity import refuse_damaged_checkpoint
+
+        path = resolve_resume_checkpoint(self.run_args.resume_from_checkpoint, self.output_dir, self.settings(),
                                          self.settings_defaults())
+        if path is not None:
+            refuse_damaged_checkpoint(path, STATE_FILE)
+        return path
 
     # ------------------------------------------------------------------ stages
     def _param_groups(self, kind: str, total_steps: int):
@@ -649,7 +655,7 @@ class TransferRun(PruningRun):
     def apply_transfer(self) -> None:
         from .transfer import apply_subnetwork
 
-        apply_subnetwork(self.model, self.source, self.tensors)
+        apply_subnetwork(self.model, self.source, self.tensors, num_labels=self.data.num_labels)
 
     def results(self, final, wall):
         out = super().results(final, wall)

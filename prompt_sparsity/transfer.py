@@ -76,11 +76,40 @@ def fetch_tensors(source: str, config: PromptedSparseConfig, args: TransferArgum
     return download_tensors(source, names, revision=args.subnetwork_revision)
 
 
+def _refuse_other_class_count(model, config: PromptedSparseConfig) -> None:
+    """A mask that covers a new head cannot fit a head for another number of classes: say that, not 'another base'."""
+    searched, wanted = len(config.id2label or {}), model.config.num_labels
+    recorded = {name: list(shape) for name, shape in config.pruned_layers}
+    current = {name: list(shape) for name, shape in model.config.pruned_layers}
+    differing = [n for n in set(recorded) | set(current) if recorded.get(n) != current.get(n)]
+    head_only = all(n in recorded and n in current and recorded[n][0] == searched and current[n][0] == wanted
+                    and recorded[n][1:] == current[n][1:] for n in differing)
+    if config.head == "new" and searched != wanted and head_only:
+        raise ValueError(
+            f"the subnetwork was searched with a new {searched}-class head (head='new') whose weights are part of its "
+            f"mask ({', '.join(sorted(differing))}); this dataset has {wanted} classes, so that part of the mask has "
+            f"nothing to apply to. Fix: transfer to a dataset with {searched} classes, or search the subnetwork with "
+            f"head='pretrained' (the label mapping is recomputed for the new classes) or with the head kept out of "
+            f"the mask (--exclude_modules {sorted(differing)[0]!r}), then transfer that one."
+        )
+
+
 @torch.no_grad()
-def apply_subnetwork(model, config: PromptedSparseConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Install the transferred mask / structure / hypernetwork / prompt into a freshly wrapped pretrained model."""
+def apply_subnetwork(model, config: PromptedSparseConfig, tensors: dict[str, torch.Tensor],
+                     num_labels: int | None = None) -> None:
+    """Install the transferred mask / structure / hypernetwork / prompt into a freshly wrapped pretrained model
+    (`num_labels`: the new dataset's class count, checked against what the subnetwork's head can serve)."""
+    source = model.model.config.num_labels
+    if num_labels is not None and config.head == "pretrained" and num_labels > source:
+        raise ValueError(
+            f"the subnetwork keeps the pretrained {source}-class head (head='pretrained') and reads the new classes "
+            f"from its outputs (label mapping), which needs at least as many outputs as this dataset's {num_labels} "
+            f"classes. Fix: transfer to a dataset with at most {source} classes, or search a subnetwork with a new "
+            "head kept out of the mask (--head new --exclude_modules <classifier>), which transfers to any class count."
+        )
     if model.sparsity is not None:
         if [list(x) for x in model.config.pruned_layers] != [list(x) for x in config.pruned_layers]:
+            _refuse_other_class_count(model, config)
             raise ValueError("the subnetwork's mask does not fit this base model (different prunable layers or "
                              "shapes); transfer onto the base it was searched on, with the same head setting.")
         n = model.sparsity.numel

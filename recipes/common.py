@@ -25,7 +25,10 @@ def parse(argv, groups=ARGUMENT_GROUPS, **recipe_defaults):
         defaults.update(from_file)
         argv = argv[1:]
     parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # a value check of the argument dataclasses: show it like a usage error
+        parser.error(str(err))
 
 
 def setup_logging():

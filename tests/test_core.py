@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import ARCHITECTURES, IMAGE_SIZE, tiny_model
+from tiny_models import ARCHITECTURES, IMAGE_SIZE, calibrate_norm_statistics, tiny_model
 from transformers import AutoModelForImageClassification, pipeline
 
 from prompt_sparsity import PromptedSparseConfig, PromptedSparseModel
@@ -41,7 +41,9 @@ def saved(tmp_path_factory):
     out = {}
     for i, arch in enumerate(ARCHITECTURES):
         torch.manual_seed(i)
-        model = wrap(arch)
+        # At 90% with the global threshold, HYDRA's fan-in-scaled scores prune MobileNetV2's 1280-input classifier
+        # entirely: bias-only logits, the same for every input, would make the logit checks below vacuous.
+        model = wrap(arch, threshold="layerwise" if arch == "mobilenet_v2" else "global")
         model.start_mask_search()
         opt = torch.optim.Adam([model.sparsity.scores, *model.prompt.parameters()], lr=1e-2)
         loss = model(pixels(), labels=torch.tensor([0, 1, 2, 3])).loss
@@ -50,9 +52,10 @@ def saved(tmp_path_factory):
         model.set_label_mapping([7, 2, 5], {0: "cat", 1: "dog", 2: "bird"})
         if i % 2:
             model.start_finetuning()  # frozen 1-bit mask
-        model.eval()
+        calibrate_norm_statistics(model, pixels(16, seed=5))  # BN statistics of the masked net, as training gives
         with torch.no_grad():
             logits = model(pixels()).logits
+        assert (logits[0] - logits[1]).abs().max() > 1e-2, f"{arch}: logits do not depend on the input"
         path = root / arch
         model.save_pretrained(path)
         out[arch] = (path, logits, model.sparsity.mask().clone(), model)
@@ -181,10 +184,14 @@ def test_merge_and_unload(saved, arch, tmp_path):
         if weight.shape != layer_mask.shape:  # the classifier, sliced to the mapped classes
             layer_mask = layer_mask[mapping]
         assert torch.equal(weight == 0, layer_mask == 0), layer.name
-    # Plain transformers saves and reloads it with identical logits.
+    # Plain transformers saves and reloads it bit for bit; the logits agree to float tolerance (CPU conv kernels can
+    # differ in the last bit with the memory alignment of a reloaded weight, see test_roundtrip_in_new_process).
     plain.save_pretrained(tmp_path)
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
-    with torch.no_grad():  # float tolerance: CPU conv kernels differ in the last bit with weight alignment
+    reloaded_state = reloaded.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(reloaded_state[key], value), key
+    with torch.no_grad():
         torch.testing.assert_close(reloaded(normalised).logits, plain(normalised).logits, rtol=1e-5, atol=1e-6)
 
 

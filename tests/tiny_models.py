@@ -19,8 +19,8 @@ IMAGE_SIZE = 32
 
 
 def tiny_model(arch: str, num_labels: int = 10, seed: int = 0):
-    """A small randomly initialised classifier (eval mode), with random norm statistics so that tests which
-    compare logits can fail when statistics are lost."""
+    """A small randomly initialised classifier (eval mode) whose logits depend on the input, on every prunable
+    weight and on its norm statistics (see `reinitialise`), so that tests which compare logits can fail."""
     torch.manual_seed(seed)
     if arch == "resnet_basic":
         model = ResNetForImageClassification(
@@ -48,12 +48,56 @@ def tiny_model(arch: str, num_labels: int = 10, seed: int = 0):
         model = TimmWrapperForImageClassification(TimmWrapperConfig(architecture="test_efficientnet", num_labels=num_labels))
     else:
         raise ValueError(arch)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
+    reinitialise(model)
     return model.eval()
+
+
+@torch.no_grad()
+def reinitialise(model: torch.nn.Module, calibration_batch: int = 16) -> None:
+    """Make a tiny model's logits depend on its input and on every weight, so that logit comparisons can fail.
+
+    The library inits leave these models near-constant: MobileNetV2 and timm EfficientNet give the same logits for
+    every input (zero-init last BN / small heads), ConvNeXt's layer scale (1e-6) hides each residual branch. So:
+    variance-preserving conv/linear weights and random biases; norm layers with random affine parameters; ConvNeXt
+    layer scales around 1; BatchNorm running statistics measured on a random batch (so eval-mode activations stay
+    O(1) through the depth instead of saturating), then perturbed (so losing them changes the logits)."""
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            fan_in = module.weight[0].numel()
+            module.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
+            if module.bias is not None:
+                module.bias.uniform_(-0.1, 0.1)
+        elif isinstance(module, norms) and getattr(module, "weight", None) is not None:
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-0.2, 0.2)
+        for pname, param in module.named_parameters(recurse=False):
+            if "layer_scale" in pname or pname in ("gamma", "lambda1", "lambda2"):
+                param.uniform_(0.5, 1.5)
+    bns = calibrate_norm_statistics(model, torch.randn(calibration_batch, 3, IMAGE_SIZE, IMAGE_SIZE))
+    for m in bns:
+        m.running_mean.add_(torch.empty_like(m.running_mean).uniform_(-0.2, 0.2) * m.running_var.sqrt())
+        m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.7, 1.4))
+    model.eval()
+
+
+@torch.no_grad()
+def calibrate_norm_statistics(model: torch.nn.Module, inputs: torch.Tensor) -> list:
+    """Set every BatchNorm's running statistics to those of `inputs` through the model as it is now (e.g. with its
+    mask applied), as training in train mode would. Without it a 90%-pruned random net in eval mode carries the
+    dense net's statistics, its activations collapse to the norm biases, and its logits no longer depend on the
+    input. Returns the BatchNorm modules; the model is left in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: exactly the statistics of this batch
+    model.train()
+    model(inputs)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()
+    return bns
 
 
 def launch_two_cpu_processes(recipe: str, base_dir: str, output_dir, *extra: str):

@@ -30,26 +30,42 @@ class PrunedLayer:
         return f"{self.name}.weight"
 
 
-def find_prunable_layers(model: nn.Module, target_modules=None, exclude_modules=None) -> list[tuple[str, nn.Module]]:
-    """Conv2d and Linear modules of `model` (every one by default), filtered by regular expressions on names."""
-    include = [re.compile(p) for p in (target_modules or [])]
-    exclude = [re.compile(p) for p in (exclude_modules or [])]
-    found = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or getattr(module, "weight", None) is None:
-            continue
-        if include and not any(p.search(name) for p in include):
-            continue
-        if any(p.search(name) for p in exclude):
-            continue
-        found.append((name, module))
+def find_prunable_layers(model: nn.Module, target_modules=None, exclude_modules=None,
+                         every_pattern_matches: bool = True) -> list[tuple[str, nn.Module]]:
+    """Conv2d and Linear modules of `model` (every one by default), filtered by regular expressions on names.
+    `every_pattern_matches`: refuse a pattern that matches no module (a typo that would silently prune or keep
+    everything)."""
+    include, exclude = _compile("target_modules", target_modules), _compile("exclude_modules", exclude_modules)
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, (nn.Conv2d, nn.Linear)) and getattr(module, "weight", None) is not None]
+    examples = ", ".join(repr(n) for n, _ in candidates[:2] + candidates[-1:])
+    for flag, patterns in (("target_modules", include), ("exclude_modules", exclude)) if every_pattern_matches else ():
+        for p in patterns:
+            if not any(p.search(name) for name, _ in candidates):
+                raise ValueError(
+                    f"--{flag} {p.pattern!r} matches no Conv2d/Linear module of {type(model).__name__}. Fix: correct "
+                    f"the regular expression (matched with re.search against module names such as {examples})."
+                )
+    found = [(name, module) for name, module in candidates
+             if (not include or any(p.search(name) for p in include)) and not any(p.search(name) for p in exclude)]
     if not found:
         raise ValueError(
-            f"no Conv2d/Linear layer of {type(model).__name__} matches target_modules={target_modules} and "
-            f"exclude_modules={exclude_modules}; loosen the patterns (they are regular expressions matched "
-            "against module names such as 'resnet.encoder.stages.0.layers.0.layer.0.convolution')."
+            f"no Conv2d/Linear layer of {type(model).__name__} is left to prune: target_modules={target_modules} "
+            f"minus exclude_modules={exclude_modules} is empty. Fix: loosen the patterns (regular expressions matched "
+            f"against module names such as {examples})."
         )
     return found
+
+
+def _compile(flag: str, patterns) -> list[re.Pattern]:
+    compiled = []
+    for p in patterns or []:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise ValueError(f"--{flag}: {p!r} is not a valid regular expression ({err}). Fix: escape special "
+                             "characters (e.g. '\\.' for a dot) or correct the pattern.") from None
+    return compiled
 
 
 def layout(shapes: dict[str, tuple[int, ...]]) -> list[PrunedLayer]:
