@@ -3,7 +3,9 @@
 and at 90% with twice the budget (16 passes), read from the accuracy benchmarks' learning-rate grids (no training
 here). The rule was chosen on validation only; test accuracies are shown beside it for the record.
 
-    python benchmarks/unstructured_accuracy.py                      # the 8-pass grids (90% and 70%)
+    python benchmarks/unstructured_accuracy.py --sparsities 0.9 --no-dense        # the 8-pass grid at 90%
+    python benchmarks/unstructured_accuracy.py --sparsities 0.7 --seeds 7 --no-dense \\
+        --output-dir benchmarks/results/unstructured_70                           # ... and at 70% (one seed)
     python benchmarks/unstructured_accuracy.py --methods vpns --sparsities 0.9 --seeds 7 --passes 16 --no-dense \\
         --output-dir benchmarks/results/ablations/budget_2x --work-dir outputs/benchmarks/unstructured_accuracy-2x
     python benchmarks/lr_rule.py                                    # this table
@@ -21,10 +23,11 @@ import common
 from common import markdown_table
 
 NAME = "lr_rule"
-SOURCES = {  # budget label -> the benchmark JSON holding its grid
-    "8 passes": common.BENCH_DIR / "results" / "unstructured_accuracy.json",
-    "16 passes (2x budget)": common.BENCH_DIR / "results" / "ablations" / "budget_2x" / "unstructured_accuracy.json",
-}
+SOURCES = [  # (budget label, the benchmark JSON holding its grid)
+    ("8 passes", common.BENCH_DIR / "results" / "unstructured_accuracy.json"),
+    ("8 passes", common.BENCH_DIR / "results" / "unstructured_70" / "unstructured_accuracy.json"),
+    ("16 passes (2x budget)", common.BENCH_DIR / "results" / "ablations" / "budget_2x" / "unstructured_accuracy.json"),
+]
 
 
 def main(argv=None) -> int:
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
     from prompt_sparsity.optim import SCORE_LR_RULE
 
     rows, points = [], []
-    for budget, path in SOURCES.items():
+    for budget, path in SOURCES:
         if not Path(path).is_file():
             print(f"missing {path}: run the command in this script's docstring first")
             continue
