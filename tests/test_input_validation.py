@@ -255,7 +255,7 @@ def finished_run(base_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt"])
 def test_resume_from_a_damaged_checkpoint_names_the_file(base_dir, finished_run, tmp_path, victim):
     import shutil
 
@@ -269,6 +269,23 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(base_dir, finished_run,
     with pytest.raises(ValueError, match=rf"checkpoint .*stage1-epoch0 is corrupted or incomplete - {victim}.*"
                                          r"intact ones next to it: stage0-epoch0"):
         run_pruning(*_run_args(base_dir, out, resume_from_checkpoint="latest"))
+
+
+def test_damaged_state_file_is_skipped_by_latest_and_named_when_asked_for(base_dir, finished_run, tmp_path):
+    import shutil
+
+    from prompt_sparsity.training import run_pruning
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    ckpt = out / "checkpoints" / "stage1-epoch0"
+    data = (ckpt / "trainer_state.json").read_bytes()
+    (ckpt / "trainer_state.json").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"trainer_state\.json"):
+        run_pruning(*_run_args(base_dir, out, resume_from_checkpoint=str(ckpt)))
+    # 'latest' only considers checkpoints whose state it can read: the intact one before it
+    results = run_pruning(*_run_args(base_dir, out, resume_from_checkpoint="latest"))
+    assert results["accuracy"]["validation"]
 
 
 def _three_class_folder(root):
