@@ -300,14 +300,18 @@ def stage_passes(method_name: str, steps: str | None = None) -> list[tuple[str, 
     return out
 
 
-def equal_budget_epochs(method_name: str, passes: int) -> dict[str, int]:
+def equal_budget_epochs(method_name: str, passes: int, search_share: float | None = None) -> dict[str, int]:
     """Epochs per stage so that the method makes `passes` passes over the training data in all, split equally
     between its stages (VPNs 30 + 30 two-pass epochs = HYDRA 60 + 60 = 120 passes; OMP dense + fine-tune; one-shot
-    pruners put everything into fine-tuning)."""
+    pruners put everything into fine-tuning). `search_share` gives a search stage (VPNs, HYDRA, PASS) that fraction
+    of the passes instead, the rest to the other stage (an ablation of how a search method spends its budget)."""
     stages = stage_passes(method_name)
-    share = passes / len(stages)
+    searching = [f for f, _ in stages if f == "search_epochs"]
     epochs = {}
     for field, per_epoch in stages:
+        share = passes / len(stages)
+        if search_share is not None and searching and len(stages) == 2:
+            share = passes * (search_share if field == "search_epochs" else 1 - search_share)
         e = share / per_epoch
         if e != int(e) or e < 1:
             raise ValueError(f"{method_name}: {passes} passes do not split into whole epochs over its stages "
@@ -374,7 +378,7 @@ def progress(msg: str) -> None:
 
 def accuracy_run_args(*, dataset: str, input_size: int, batch_size: int, method: str, seed: int, passes: int,
                       threads: int, workers: int = 1, lr_scale: float = 1.0, train: int | None = None,
-                      dense_reference: bool = True, **prune_kwargs):
+                      dense_reference: bool = True, search_share: float | None = None, **prune_kwargs):
     """The four argument groups of one accuracy run: library defaults (lr, optimisers, prompt, FLM head) except
     the data (the fixed on-disk subset, used whole), the image size, the equal pass budget and no checkpoints;
     `lr_scale` multiplies every learning rate (needs `train`, the number of training images, for 'auto')."""
@@ -386,8 +390,8 @@ def accuracy_run_args(*, dataset: str, input_size: int, batch_size: int, method:
                          dataloader_num_workers=workers)
     if lr_scale != 1.0:
         prune_kwargs = {**prune_kwargs, **scaled_learning_rates(method, lr_scale, passes, train, batch_size,
-                                                                base=prune_kwargs)}
-    prune = PruningArguments(method=method, **equal_budget_epochs(method, passes), **prune_kwargs)
+                                                                base=prune_kwargs, search_share=search_share)}
+    prune = PruningArguments(method=method, **equal_budget_epochs(method, passes, search_share), **prune_kwargs)
     run = RunArguments(seed=seed, checkpointing=False, torch_threads=threads, cpu=True,
                        dense_reference=dense_reference)
     return model, data, prune, run
@@ -413,7 +417,7 @@ def stage_steps(method_name: str, epochs: dict[str, int], train: int, batch_size
 
 
 def scaled_learning_rates(method_name: str, scale: float, passes: int, train: int, batch_size: int,
-                          base: dict[str, Any] | None = None) -> dict[str, Any]:
+                          base: dict[str, Any] | None = None, search_share: float | None = None) -> dict[str, Any]:
     """Every learning rate of a method's stages times `scale` ('auto' resolved at the stage's step count first).
     Scale 1 returns {} (the library defaults, 'auto' included). `base` overrides the defaults before scaling."""
     import dataclasses as dc
@@ -425,7 +429,7 @@ def scaled_learning_rates(method_name: str, scale: float, passes: int, train: in
         return {}
     defaults = {f.name: f.default for f in dc.fields(PruningArguments) if f.name in LR_FIELDS}
     defaults.update({k: v for k, v in (base or {}).items() if k in LR_FIELDS})
-    steps = stage_steps(method_name, equal_budget_epochs(method_name, passes), train, batch_size)
+    steps = stage_steps(method_name, equal_budget_epochs(method_name, passes, search_share), train, batch_size)
     rules = {"score_lr": ("search", optim.SCORE_LR_RULE), "search_prompt_lr": ("search", optim.SEARCH_PROMPT_LR_RULE),
              "hypernet_lr": ("structure_search", optim.HYPERNET_LR_RULE),
              "structure_prompt_lr": ("structure_search", optim.STRUCTURE_PROMPT_LR_RULE)}
@@ -521,11 +525,12 @@ def compact_summary(results: dict[str, Any]) -> dict[str, Any]:
     return {k: results[k] for k in keep if k in results}
 
 
-def epochs_text(methods: Sequence[str], passes: int) -> str:
+def epochs_text(methods: Sequence[str], passes: int, search_share: float | None = None) -> str:
     """'VPNs search 2 + finetune 2; HYDRA search 4 + finetune 4; ...' for the settings line."""
     parts = []
     for m in methods:
-        stages = " + ".join(f"{field.split('_')[0]} {e}" for field, e in equal_budget_epochs(m, passes).items())
+        stages = " + ".join(f"{field.split('_')[0]} {e}"
+                            for field, e in equal_budget_epochs(m, passes, search_share).items())
         parts.append(f"{DISPLAY.get(m, m)} {stages}")
     return "; ".join(parts)
 
@@ -550,6 +555,9 @@ def accuracy_arguments(name: str, doc: str, methods_help: str, level: str, level
     p.add_argument("--test-samples", type=int, default=None,
                    help="a fixed class-balanced subset of N test images; 0 = all 10,000 (the full mode's default)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
+    p.add_argument("--search-share", type=float, default=None,
+                   help="ablation: the fraction of the passes a search method (VPNs, HYDRA, PASS) spends searching "
+                        "(default: an equal split between its stages)")
     p.add_argument("--lr-scales", nargs="+", type=float, default=None,
                    help="the learning-rate grid every method gets, as multiples of its defaults (full mode: 0.3 1 "
                         "3); the best on validation at the first seed is used for the other seeds")
@@ -607,4 +615,5 @@ def accuracy_config(args, quick: dict, full: dict, level: str) -> dict:
     if args.test_samples is not None:
         cfg["test"] = args.test_samples or None
     cfg["overrides"] = prune_overrides(args.prune_arg)
+    cfg["search_share"] = args.search_share
     return cfg

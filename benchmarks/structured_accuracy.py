@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         return common.accuracy_run_args(dataset=dataset, input_size=cfg["input_size"], batch_size=cfg["batch_size"],
                                         method=method, seed=seed, passes=cfg["passes"], threads=args.threads,
                                         flops_ratio=level if method != "dense" else 0.5, lr_scale=lr_scale,
-                                        train=cfg["train"], dense_reference=False, **cfg["overrides"])
+                                        train=cfg["train"], search_share=cfg["search_share"],
+                                        dense_reference=False, **cfg["overrides"])
 
     all_runs, selection = common.run_lr_selected(jobs, work_dir, make_args, scales=cfg["lr_scales"],
                                                  fresh=args.fresh)
@@ -144,7 +145,8 @@ def main(argv=None) -> int:
         image_size=f"{cfg['input_size']} px for training, FLOPs and the batch-1/64 latency; batch-1 latency also at "
                    f"{cfg['latency_size']} px; training batch {cfg['batch_size']}",
         budget=f"{cfg['passes']} passes over the training data per method; epochs: "
-               + common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]), cfg["passes"])
+               + common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]), cfg["passes"],
+                                 cfg["search_share"])
                + common.overrides_text(cfg),
         learning_rates=f"every method gets the same grid, {', '.join(f'{s:g}x' for s in cfg['lr_scales'])} its "
                        "default learning rates (all of them; 'auto' resolved at the run's step count), run at seed "

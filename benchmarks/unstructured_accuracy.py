@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         return common.accuracy_run_args(dataset=dataset, input_size=cfg["input_size"], batch_size=cfg["batch_size"],
                                         method=method, seed=seed, passes=cfg["passes"], threads=args.threads,
                                         sparsity=level if method != "dense" else 0.9, lr_scale=lr_scale,
-                                        train=cfg["train"], dense_reference=floor_run,
+                                        train=cfg["train"], search_share=cfg["search_share"],
+                                        dense_reference=floor_run,
                                         synflow_iterations=cfg["synflow_iterations"], **cfg["overrides"])
 
     all_runs, selection = common.run_lr_selected(jobs, work_dir, make_args, scales=cfg["lr_scales"],
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
     # ------------------------------------------------------------------ table
     some = next((r for r in runs if "error" not in r), {})
     samples = some.get("samples", {})
-    epochs_text = common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]), cfg["passes"])
+    epochs_text = common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]), cfg["passes"],
+                                 cfg["search_share"])
     test_kind = "the full test set" if not cfg["test"] else "a fixed class-balanced subset of the 10,000 test images"
     settings = common.settings_block(
         env,
