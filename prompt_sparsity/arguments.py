@@ -100,7 +100,7 @@ class PruningArguments:
     dense_epochs: int = field(default=2, metadata={"help": "Dense fine-tuning epochs before OMP pruning."})
     score_lr: str = field(
         default="auto",
-        metadata={"help": "Mask-score lr: a number, or 'auto' = clip(1e-4 * 11730 / search steps, 1e-4, 3e-2): the "
+        metadata={"help": "Mask-score lr: a number, or 'auto' = clip(1e-4 * 11760 / search steps, 1e-4, 3e-2): the "
                           "paper's 1e-4 at its ~11.7k steps, scaled to this run's (prompt_sparsity.optim)."},
     )
     score_weight_decay: float = field(default=1e-4)
