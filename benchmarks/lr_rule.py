@@ -4,8 +4,8 @@ and at 90% with twice the budget (16 passes), read from the accuracy benchmarks'
 here). The rule was chosen on validation only; test accuracies are shown beside it for the record.
 
     python benchmarks/unstructured_accuracy.py --sparsities 0.9 --no-dense        # the 8-pass grid at 90%
-    python benchmarks/unstructured_accuracy.py --sparsities 0.7 --seeds 7 --no-dense \\
-        --output-dir benchmarks/results/unstructured_70                           # ... and at 70% (one seed)
+    python benchmarks/unstructured_accuracy.py --sparsities 0.7 --no-dense \\
+        --output-dir benchmarks/results/unstructured_70                           # ... and at 70%
     python benchmarks/unstructured_accuracy.py --methods vpns --sparsities 0.9 --seeds 7 --passes 16 --no-dense \\
         --output-dir benchmarks/results/ablations/budget_2x --work-dir outputs/benchmarks/unstructured_accuracy-2x
     python benchmarks/lr_rule.py                                    # this table
