@@ -11,10 +11,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import launch_two_cpu_processes, tiny_model
+from tiny_models import launch_two_cpu_processes, recipe_args, tiny_model
 
 from prompt_sparsity import PromptedSparseModel, checkpointing
-from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
 from prompt_sparsity.checkpointing import (
     CheckpointError,
     OutputDirError,
@@ -37,15 +36,7 @@ def base_dir(tmp_path_factory):
 
 
 def args(base_dir, output_dir, **overrides):
-    model = ModelArguments(model_name_or_path=base_dir, input_size=16, pad_size=2, mask_size=8)
-    data = DataArguments(dataset_name="digits", max_train_samples=64, max_eval_samples=32,
-                         per_device_train_batch_size=16, per_device_eval_batch_size=32, dataloader_num_workers=0)
-    prune = PruningArguments(sparsity=0.8, search_epochs=1, finetune_epochs=2, pruner_batches=2)
-    run = RunArguments(output_dir=str(output_dir), seed=7, cpu=True, max_steps_per_epoch=2, torch_threads=1)
-    groups = (model, data, prune, run)
-    for key, value in overrides.items():
-        setattr(next(g for g in groups if hasattr(g, key)), key, value)
-    return groups
+    return recipe_args(base_dir, output_dir, **{"finetune_epochs": 2, **overrides})
 
 
 @pytest.fixture(scope="module")

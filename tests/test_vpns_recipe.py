@@ -7,10 +7,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import launch_two_cpu_processes, tiny_model
+from tiny_models import launch_two_cpu_processes, recipe_args, tiny_model
 
 from prompt_sparsity import PromptedSparseModel
-from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
 from prompt_sparsity.methods import METHODS
 from prompt_sparsity.sparsity.unstructured import num_pruned
 from prompt_sparsity.training import run_pruning
@@ -26,17 +25,7 @@ def base_dir(tmp_path_factory):
 
 
 def args(base_dir, output_dir, **overrides):
-    model = ModelArguments(model_name_or_path=base_dir, input_size=16, pad_size=2, mask_size=8)
-    data = DataArguments(dataset_name="digits", max_train_samples=64, max_eval_samples=32,
-                         per_device_train_batch_size=16, per_device_eval_batch_size=32, dataloader_num_workers=0)
-    prune = PruningArguments(sparsity=0.8, search_epochs=1, finetune_epochs=1, dense_epochs=1, pruner_batches=2,
-                             synflow_iterations=5)
-    run = RunArguments(output_dir=str(output_dir), seed=7, cpu=True, max_steps_per_epoch=2, torch_threads=1)
-    groups = (model, data, prune, run)
-    for key, value in overrides.items():
-        target = next(g for g in groups if hasattr(g, key))
-        setattr(target, key, value)
-    return groups
+    return recipe_args(base_dir, output_dir, **overrides)
 
 
 @pytest.mark.parametrize("method", sorted(m for m, spec in METHODS.items() if not spec.structured))

@@ -122,3 +122,21 @@ def launch_two_cpu_processes(recipe: str, base_dir: str, output_dir, *extra: str
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(os.path.join(output_dir, "results.json")) as f:
         return proc, json.load(f)
+
+
+def recipe_args(base_dir: str, output_dir, **overrides):
+    """The four argument groups of a tiny recipe run (a tiny base, `digits`, 2 steps per epoch, CPU); keyword
+    overrides go to whichever group has the field."""
+    from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
+
+    model = ModelArguments(model_name_or_path=base_dir, input_size=16, pad_size=2, mask_size=8)
+    data = DataArguments(dataset_name="digits", max_train_samples=64, max_eval_samples=32,
+                         per_device_train_batch_size=16, per_device_eval_batch_size=32, dataloader_num_workers=0)
+    prune = PruningArguments(sparsity=0.8, search_epochs=1, finetune_epochs=1, dense_epochs=1, pruner_batches=2,
+                             synflow_iterations=5)
+    run = RunArguments(output_dir=str(output_dir), seed=7, cpu=True, max_steps_per_epoch=2, torch_threads=1)
+    groups = (model, data, prune, run)
+    for key, value in overrides.items():
+        target = next(g for g in groups if hasattr(g, key))
+        setattr(target, key, value)
+    return groups
