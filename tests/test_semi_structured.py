@@ -92,6 +92,20 @@ def test_parse_and_check_nm():
         check_nm(torch.ones(2, 6), 2, 4)
 
 
+def test_group_selection_is_exact_with_ties_and_any_n_m():
+    from prompt_sparsity.sparsity.semi_structured import nm_group_mask
+
+    v = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 3.0, -2.0, 3.0]])
+    assert nm_group_mask(v, 2, 4).tolist() == [[1, 1, 0, 0, 0, 1, 0, 1]]  # ties: the earlier ones are kept
+    g = torch.Generator().manual_seed(0)
+    for n, m in ((1, 4), (2, 4), (3, 4), (4, 8), (1, 2)):
+        values = torch.randint(0, 3, (6, 4 * m), generator=g).float()  # many ties
+        mask = nm_group_mask(values, n, m)
+        assert torch.equal(mask, reference_nm_mask(values, n, m)) and check_nm(mask, n, m)
+    with pytest.raises(ValueError, match="NaN"):
+        nm_group_mask(torch.tensor([[float("nan"), 1.0, 2.0, 3.0]]), 2, 4)
+
+
 def test_conv_gemm_layout_groups_channels_at_each_tap():
     """Conv groups are 4 consecutive input channels at one kernel tap (channels-last im2col)."""
     w = torch.randn(3, 8, 3, 3)

@@ -18,7 +18,8 @@ the sparsity is then exactly 1 - N/M; the global sparsity over all pruned layers
 share.
 
 Selection (`nm_mask_`): in every group keep the N entries with the largest value (|score| for a score search,
-the raw importance for a one-shot criterion); ties are broken by `torch.topk`, and every group keeps exactly N.
+the raw importance for a one-shot criterion); of equal values the earlier one is kept, so every group keeps
+exactly N.
 """
 
 from __future__ import annotations
@@ -93,11 +94,21 @@ def from_gemm_matrix(matrix: torch.Tensor, shape) -> torch.Tensor:
 @torch.no_grad()
 def nm_group_mask(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """0/1 float mask of a 2-D `[rows, K]` matrix (K a multiple of m): the n largest of every m consecutive
-    entries of a row are 1."""
+    entries of a row are 1; of equal values the earlier one wins, so every group keeps exactly n.
+
+    Ranks from the m(m-1)/2 pairwise comparisons of the group's columns: streaming elementwise passes, ~3x
+    faster on a CPU than `torch.topk(..., dim=1)` + scatter on [groups, 4] (it runs at every search step)."""
     groups = values.reshape(-1, m)
-    keep = torch.topk(groups, n, dim=1, sorted=False).indices
-    mask = torch.zeros(groups.shape, dtype=torch.float32, device=values.device)
-    return mask.scatter_(1, keep, 1.0).view(values.shape)
+    if torch.isnan(groups).any():
+        raise ValueError("the N:M selection got NaN values (scores or importances); they cannot be ranked.")
+    cols = groups.unbind(1)
+    ranks = torch.zeros((m, groups.shape[0]), dtype=torch.uint8 if m < 256 else torch.int32, device=values.device)
+    for j in range(m):
+        for k in range(j + 1, m):
+            j_wins = cols[j] >= cols[k]
+            ranks[k] += j_wins
+            ranks[j] += ~j_wins
+    return (ranks < n).t().to(torch.float32).reshape(values.shape)
 
 
 @torch.no_grad()
