@@ -147,6 +147,11 @@ def test_pruning_arguments_take_the_pattern():
         PruningArguments(nm_pattern="2:4", sparsity=0.7)
     with pytest.raises(ValueError, match="--nm_pattern"):
         PruningArguments(nm_pattern="3:2")
+    from transformers import HfArgumentParser
+
+    (parsed,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(["--nm_pattern", "2:4",
+                                                                                "--method", "snip"])
+    assert parsed.nm_pattern == "2:4" and parsed.sparsity == 0.5
 
 
 # ----------------------------------------------------------------------------------------------- score search
