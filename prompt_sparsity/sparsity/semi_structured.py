@@ -7,7 +7,7 @@ Layout: groups run along the GEMM reduction dimension of each layer's weight see
 - `Linear` weight `[out, in]`: the matrix itself; groups are M consecutive inputs of one row.
 - `Conv2d` weight `[out, in/groups, kh, kw]`: the channels-last im2col matrix `weight.permute(0, 2, 3, 1)
   .reshape(out, kh * kw * in/groups)`, i.e. groups are M consecutive *input channels* at one kernel tap (the
-  layout of NVIDIA ASP, TensorRT and cuDNN sparse convolutions). A conv run as a GEMM on channels-last patches
+  grouping NVIDIA's ASP, apex.contrib.sparsity, uses for conv weights). A conv run as a GEMM on channels-last patches
   multiplies exactly this matrix, so it can be converted with `to_sparse_semi_structured` after export
   (`prompt_sparsity.semi_structured_export`).
 
