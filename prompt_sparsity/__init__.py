@@ -7,7 +7,17 @@ so `AutoModelForImageClassification.from_pretrained(saved_dir)` returns a `Promp
 from .configuration import PromptedSparseConfig
 from .label_mapping import frequency_label_mapping
 from .modeling import PromptedClassifier, PromptedSparseModel
+from .semi_structured_export import export_semi_structured, prepare_semi_structured, semi_structured_matrices
 
 __version__ = "0.1.0"
 
-__all__ = ["PromptedClassifier", "PromptedSparseConfig", "PromptedSparseModel", "frequency_label_mapping", "__version__"]
+__all__ = [
+    "PromptedClassifier",
+    "PromptedSparseConfig",
+    "PromptedSparseModel",
+    "export_semi_structured",
+    "frequency_label_mapping",
+    "prepare_semi_structured",
+    "semi_structured_matrices",
+    "__version__",
+]

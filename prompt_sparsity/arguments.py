@@ -88,6 +88,13 @@ class PruningArguments:
                           "fraction of its weights, so no layer collapses; 0 allows collapse (layers above 99 "
                           "percent sparsity are then named in a warning)."},
     )
+    nm_pattern: str | None = field(
+        default=None,
+        metadata={"help": "'N:M' (e.g. 2:4) semi-structured masks: exactly N kept of every M consecutive weights "
+                          "along the input dimension (channels-last for convs), for every unstructured method; it "
+                          "fixes --sparsity at 1 - N/M (the default --sparsity is replaced, another one refused); "
+                          "layers whose inputs per tap are not a multiple of M stay dense."},
+    )
     steps: Literal["two", "prompted", "augmented"] | None = field(
         default=None,
         metadata={
@@ -155,6 +162,8 @@ class PruningArguments:
                 _require(self, f.name, lambda v: float(v) > 0, "a positive learning rate, e.g. 1e-3 (or 'auto' "
                          "where the help says so)")
         _require(self, "sparsity", lambda v: 0 <= v < 1, "in [0, 1): the fraction of weights removed, e.g. 0.9")
+        if self.nm_pattern is not None:
+            self._apply_nm_pattern()
         _require(self, "flops_ratio", lambda v: 0 < v <= 1, "in (0, 1]: the fraction of FLOPs kept, e.g. 0.5")
         _require(self, "warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
         for name in ("pruner_batches", "synflow_iterations", "min_channels", "hypernet_hidden_size"):
@@ -166,6 +175,20 @@ class PruningArguments:
                 except re.error as err:
                     raise ValueError(f"--{name}: {pattern!r} is not a valid regular expression ({err}). Fix: "
                                      "escape special characters (e.g. '\\.' for a dot) or correct the pattern.") from None
+
+    def _apply_nm_pattern(self) -> None:
+        """--nm_pattern N:M fixes the sparsity at 1 - N/M: the default --sparsity gives way, another is refused."""
+        from .sparsity.semi_structured import nm_sparsity
+
+        try:
+            target = nm_sparsity(self.nm_pattern)
+        except ValueError as err:
+            raise ValueError(f"--nm_pattern: {err}") from None
+        default = next(f.default for f in fields(self) if f.name == "sparsity")
+        if abs(self.sparsity - target) > 1e-9 and self.sparsity != default:
+            raise ValueError(f"--sparsity={self.sparsity} conflicts with --nm_pattern {self.nm_pattern}, which prunes "
+                             f"exactly {target:g} of every eligible layer; drop --sparsity (or set it to {target:g}).")
+        self.sparsity = target
 
 
 @dataclass

@@ -38,6 +38,13 @@ class PromptedSparseConfig(PreTrainedConfig):
         min_layer_density (`float`, defaults to 0.01): every pruned layer, and every row of a pretrained head that
             the label mapping reads, keeps at least this fraction of its weights (its largest scores), so no layer
             collapses; the global count stays exact. 0 allows collapse (a warning names layers above 99%).
+        nm_pattern (`str`, optional): `"N:M"` (e.g. `"2:4"`) for a semi-structured mask: in every group of M
+            consecutive weights along the input dimension (channels-last for convs) exactly N are kept
+            (`prompt_sparsity.sparsity.semi_structured`). It fixes the sparsity at 1 - N/M on every eligible layer
+            (`sparsity` defaults to it; another value is refused); layers whose inputs per tap are not a multiple of M
+            (depthwise convs, a 3-channel stem) are left dense. `threshold` does not apply (the selection is per
+            group) and `min_layer_density` must be <= N/M (every row keeps N/M of its weights, so none collapses).
+            Unstructured sparsity only.
         pruned_layers: `[[module name, weight shape], ...]` (in flat-layout order) recorded at wrap time so that a checkpoint is only ever
             loaded onto a base model with the same shapes.
     Structured (channel) settings, PASS:
@@ -77,6 +84,7 @@ class PromptedSparseConfig(PreTrainedConfig):
     mask_format: str = "scores"
     pruned_layers: list | None = None
     min_layer_density: float = 0.01
+    nm_pattern: str | None = None
 
     flops_ratio: float = 0.5
     channel_selection: str = "global"
@@ -102,6 +110,13 @@ class PromptedSparseConfig(PreTrainedConfig):
             self.image_mean = list(IMAGENET_MEAN)
         if self.image_std is None:
             self.image_std = list(IMAGENET_STD)
+        if self.nm_pattern is not None and not self.sparsity and isinstance(self.nm_pattern, str):
+            from .sparsity.semi_structured import nm_sparsity
+
+            try:
+                self.sparsity = nm_sparsity(self.nm_pattern)  # the pattern fixes the sparsity of its layers
+            except ValueError:
+                pass  # validate_settings names the problem
         self.validate_settings()
 
     def validate_settings(self):
@@ -152,6 +167,23 @@ class PromptedSparseConfig(PreTrainedConfig):
         ):
             bad(f"min_layer_density={self.min_layer_density!r} must be in [0, 1] (0 allows a layer to lose every "
                 "weight).")
+        if self.nm_pattern is not None:
+            from .sparsity.semi_structured import parse_nm
+
+            try:
+                n, m = parse_nm(self.nm_pattern)
+            except ValueError as err:
+                bad(str(err))
+            if self.sparsity_type != "unstructured":
+                bad(f"nm_pattern={self.nm_pattern!r} is a per-weight (unstructured) mask pattern, but "
+                    f"sparsity_type={self.sparsity_type!r}; use sparsity_type='unstructured' or drop nm_pattern.")
+            if abs(float(self.sparsity) - (1.0 - n / m)) > 1e-9:
+                bad(f"sparsity={self.sparsity} conflicts with nm_pattern={self.nm_pattern!r}, which fixes the "
+                    f"sparsity of its layers at 1 - {n}/{m} = {1.0 - n / m:g}; leave sparsity unset (0) or set it to "
+                    f"{1.0 - n / m:g}.")
+            if float(self.min_layer_density) > n / m:
+                bad(f"min_layer_density={self.min_layer_density} is above the {n}/{m} = {n / m:g} of its weights "
+                    f"that nm_pattern={self.nm_pattern!r} keeps in every layer; lower it to at most {n / m:g}.")
         choice("channel_selection", ("global", "uniform"))
         if isinstance(self.flops_ratio, bool) or not isinstance(self.flops_ratio, (int, float)) or not (
             0.0 < float(self.flops_ratio) <= 1.0

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from .configuration import IMAGENET_MEAN, IMAGENET_STD, PromptedSparseConfig
 from .label_mapping import find_classifier, fold_label_mapping, set_labels
 from .prompts import VisualPrompt
+from .sparsity.semi_structured import log_dense_layers
 from .sparsity.structured import ChannelSparsity
 from .sparsity.unstructured import (
     COLLAPSE_WARNING_SPARSITY,
@@ -45,9 +46,12 @@ class UnstructuredMask(nn.Module):
     (`mask_packed`). The hard 0/1 mask itself is derived, cached, and recomputed whenever the scores change."""
 
     def __init__(self, layers, sparsity: float, threshold: str, mask_format: str,
-                 min_density: float = DEFAULT_MIN_LAYER_DENSITY):
+                 min_density: float = DEFAULT_MIN_LAYER_DENSITY, nm_pattern: str | None = None):
         super().__init__()
         self.layers = layers
+        # N:M semi-structured selection (None: the threshold path); its ineligible layers stay dense.
+        self.nm_pattern = nm_pattern
+        self.nm_dense_layers = log_dense_layers(layers, nm_pattern) if nm_pattern is not None else []
         self.numel = sum(layer.numel for layer in layers)
         self.sparsity = float(sparsity)
         self.threshold = threshold
@@ -81,7 +85,7 @@ class UnstructuredMask(nn.Module):
             if self._mask is None or self._mask.shape != self.scores.shape or self._mask.device != self.scores.device:
                 self._mask = torch.empty_like(self.scores)
             mask_from_scores_(self.scores.detach(), self._mask, self.layers, self.sparsity, self.threshold,
-                              self._finder, self.floors(), self._forced)
+                              self._finder, self.floors(), self._forced, nm_pattern=self.nm_pattern)
         self._mask_source = self._source()
         self.generation += 1
         return self._mask
@@ -103,7 +107,10 @@ class UnstructuredMask(nn.Module):
         return self._mask
 
     def floors(self) -> list:
-        """The layer-collapse floors every mask computed here respects (see `density_floors`)."""
+        """The layer-collapse floors every mask computed here respects (see `density_floors`); none under an N:M
+        pattern, which keeps N/M of every row of every eligible layer."""
+        if self.nm_pattern is not None:
+            return []
         return density_floors(self.layers, self.min_density, self.protected_rows)
 
     def protect_rows(self, layer_name: str, rows: list[int]) -> None:
@@ -164,7 +171,8 @@ class UnstructuredMask(nn.Module):
 
     def extra_repr(self) -> str:
         state = "frozen 1-bit mask" if self.frozen else "trainable scores"
-        return f"layers={len(self.layers)}, weights={self.numel}, sparsity={self.sparsity}, {state}"
+        nm = f", nm_pattern={self.nm_pattern}" if self.nm_pattern is not None else ""
+        return f"layers={len(self.layers)}, weights={self.numel}, sparsity={self.sparsity}{nm}, {state}"
 
 
 class PromptedSparsePreTrainedModel(PreTrainedModel):
@@ -214,7 +222,7 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         if config.sparsity_type == "unstructured":
             shapes = self._resolve_pruned_layers()
             self.sparsity = UnstructuredMask(layout(shapes), config.sparsity, config.threshold, config.mask_format,
-                                             config.min_layer_density)
+                                             config.min_layer_density, config.nm_pattern)
             self._protect_mapped_rows()
         elif config.sparsity_type == "structured":
             self.structure = ChannelSparsity(config, self.model)  # shrinks self.model if already compacted

@@ -105,6 +105,8 @@ class PruningRun:
             raise ValueError(f"steps={self.steps!r}: use 'two', 'prompted' or 'augmented'.")
         self.sparsity = prune_args.sparsity if self.method.sparse and not self.method.structured else 0.0
         self.name = run_name(self.method.name, model_args.model_name_or_path, data_args.dataset_name, self.sparsity)
+        if prune_args.nm_pattern and self.method.sparse:  # apart from an unstructured run at the same sparsity
+            self.name += "-nm" + prune_args.nm_pattern.replace(":", "of")
         if self.method.structured:
             self.name = self.name.rsplit("-s", 1)[0] + f"-f{round(prune_args.flops_ratio * 100)}"
         self.output_dir = run_args.output_dir or os.path.join("outputs", self.name)
@@ -147,6 +149,7 @@ class PruningRun:
                 flops_penalty=pargs.flops_penalty,
                 target_modules=pargs.target_modules, exclude_modules=pargs.exclude_modules,
                 min_layer_density=pargs.min_layer_density, prompt_method=self.prompt_method, input_size=margs.input_size,
+                nm_pattern=pargs.nm_pattern if self.method.sparse else None,
                 output_size=margs.output_size or margs.input_size, pad_size=margs.pad_size,
                 mask_size=margs.mask_size, prompt_at_inference=margs.prompt_at_inference and self.prompt_on,
             )
@@ -633,6 +636,7 @@ class TransferRun(PruningRun):
         prune_args = dataclasses.replace(
             prune_args, sparsity=c.sparsity, threshold=c.threshold, target_modules=c.target_modules,
             exclude_modules=c.exclude_modules, min_layer_density=c.min_layer_density, flops_ratio=c.flops_ratio, channel_selection=c.channel_selection,
+            nm_pattern=getattr(c, "nm_pattern", None),
             min_channels=c.min_channels, hypernet_hidden_size=c.hypernet_hidden_size,
         )
         super().__init__(model_args, data_args, prune_args, run_args, method=transfer_plan(c, transfer_args))

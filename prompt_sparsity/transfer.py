@@ -118,7 +118,7 @@ def apply_subnetwork(model, config: PromptedSparseConfig, tensors: dict[str, tor
         else:
             mask = torch.empty(n)
             mask_from_scores_(tensors["sparsity.scores"], mask, model.sparsity.layers, config.sparsity,
-                              config.threshold)
+                              config.threshold, nm_pattern=getattr(config, "nm_pattern", None))
         model.set_mask(mask)
     elif "structure.kept_indices" in tensors:
         if [list(x) for x in model.config.channel_units] != [list(x) for x in config.channel_units]:

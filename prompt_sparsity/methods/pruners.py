@@ -23,6 +23,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..sparsity.semi_structured import nm_keep_schedule, nm_mask_, nm_sparsity, parse_nm
 from ..sparsity.unstructured import Floor, num_pruned, select_with_floors_
 
 logger = logging.getLogger(__name__)
@@ -288,6 +289,7 @@ def synflow_importance(
         state, leaves = _functional_state(model, train_mode=False, dtype=dtype, linearise=True)
         mask = torch.ones(model.sparsity.numel, device=device, dtype=dtype)
         importance = None
+        nm = _nm(model, sparsity)
         for i in range(1, iterations + 1):
             s_i = sparsity if i == iterations else 1.0 - (1.0 - sparsity) ** (i / iterations)
             scores = _synflow_scores(model, state, leaves, mask, x)
@@ -297,7 +299,9 @@ def synflow_importance(
                     "or a smaller input_size."
                 )
             importance = scores.masked_fill_(mask == 0, -1.0)
-            mask = _select(importance, layers, s_i, threshold, model.sparsity.floors()).to(dtype)
+            # N:M: the same schedule per group (4 -> 3 -> 2 kept of 4 for 2:4), exactly N at the end.
+            nm_i = None if nm is None else (nm_keep_schedule(nm[0], nm[1], i, iterations), nm[1])
+            mask = _select(importance, layers, s_i, threshold, model.sparsity.floors(), nm=nm_i).to(dtype)
     return importance
 
 
@@ -319,11 +323,26 @@ def _prune_smallest_(values: torch.Tensor, out: torch.Tensor, k: int) -> None:
     out[tied[:need]] = 0
 
 
+def _nm(model, sparsity: float) -> tuple[int, int] | None:
+    """The model's N:M pattern as (N, M), or None; refuses a `sparsity` the pattern does not give."""
+    pattern = getattr(model.config, "nm_pattern", None)
+    if pattern is None:
+        return None
+    if abs(sparsity - nm_sparsity(pattern)) > 1e-9:
+        raise ValueError(f"sparsity={sparsity} conflicts with the model's nm_pattern={pattern!r}, which prunes "
+                         f"exactly {nm_sparsity(pattern):g} of every eligible layer; pass sparsity="
+                         f"{nm_sparsity(pattern):g}.")
+    return parse_nm(pattern)
+
+
 @torch.no_grad()
-def _select(importance: torch.Tensor, layers, sparsity: float, threshold: str, floors=()) -> torch.Tensor:
+def _select(importance: torch.Tensor, layers, sparsity: float, threshold: str, floors=(),
+            nm: tuple[int, int] | None = None) -> torch.Tensor:
     values = importance.detach().reshape(-1)
     mask = torch.empty(values.shape, dtype=torch.float32, device=values.device)
-    if threshold == "global":
+    if nm is not None:  # N:M: the N largest importances of every group; threshold and floors do not apply
+        nm_mask_(values, mask, layers, *nm)
+    elif threshold == "global":
         select_with_floors_(values, mask, num_pruned(sparsity, values.numel()), _prune_smallest_, list(floors))
     else:
         for layer in layers:
@@ -337,7 +356,9 @@ def _select(importance: torch.Tensor, layers, sparsity: float, threshold: str, f
 def mask_from_importance(model, importance: torch.Tensor, sparsity: float, threshold: str = "global") -> torch.Tensor:
     """Flat 0/1 float mask pruning exactly `num_pruned(sparsity, N)` weights of smallest importance over all pruned
     layers (`threshold="global"`), or `num_pruned(sparsity, layer.numel)` in every layer (`"layerwise"`). Works on
-    the raw (possibly negative) importances; ties at the threshold are broken by position (earlier ones pruned)."""
+    the raw (possibly negative) importances; ties at the threshold are broken by position (earlier ones pruned).
+    A model with `config.nm_pattern` ("N:M") keeps instead the N largest importances of every M consecutive weights
+    along the input dimension (its ineligible layers dense); `sparsity` must then be 1 - N/M."""
     sparsity = _check_sparsity(sparsity)
     threshold = _check_threshold(threshold)
     layers = _layers(model)
@@ -347,7 +368,7 @@ def mask_from_importance(model, importance: torch.Tensor, sparsity: float, thres
         )
     if torch.isnan(importance).any():
         raise ValueError("importance contains NaN; cannot rank the weights.")
-    return _select(importance, layers, sparsity, threshold, model.sparsity.floors())
+    return _select(importance, layers, sparsity, threshold, model.sparsity.floors(), nm=_nm(model, sparsity))
 
 
 # --------------------------------------------------------------------------------------------------- one shot
@@ -382,12 +403,15 @@ def prune_once(
     """Score the dense network with `criterion` (one of `PRUNERS`), prune exactly `num_pruned(sparsity, ·)` weights
     (random: per layer by default, the others: globally), install the mask with `model.set_mask` and return it
     (flat 0/1 float). `config.sparsity` is set to `sparsity`. `batches` (SNIP, GraSP): an iterable of
-    `{"pixel_values", "labels"}` dicts on the model's device; `use_prompt` passes them through the prompt."""
+    `{"pixel_values", "labels"}` dicts on the model's device; `use_prompt` passes them through the prompt.
+    With `config.nm_pattern` ("N:M") the mask keeps the N most important of every M weights along the input
+    dimension of each eligible layer instead (`sparsity` must be 1 - N/M; `threshold` does not apply)."""
     if criterion not in PRUNERS:
         raise ValueError(f"unknown pruning criterion {criterion!r}; known: {sorted(PRUNERS)}.")
     sparsity = _check_sparsity(sparsity)
     threshold = _check_threshold(threshold or DEFAULT_THRESHOLD[criterion])
     _layers(model)
+    nm = _nm(model, sparsity)  # checked before any scoring work
     if criterion in DATA_DRIVEN:
         batches = _materialise(batches, criterion)
     if criterion == "magnitude":
@@ -405,7 +429,8 @@ def prune_once(
     model.config.sparsity = sparsity
     model.sparsity.sparsity = sparsity
     logger.info(
-        "%s pruning (%s threshold): %d of %d weights pruned", criterion, threshold, int(mask.numel() - mask.sum()),
+        "%s pruning (%s): %d of %d weights pruned", criterion,
+        f"{threshold} threshold" if nm is None else f"{nm[0]}:{nm[1]} pattern", int(mask.numel() - mask.sum()),
         mask.numel(),
     )
     return mask

@@ -273,10 +273,20 @@ def mask_from_scores_(
     finder: ThresholdFinder | None = None,
     floors: list[Floor] | None = None,
     forced: set | None = None,
+    nm_pattern: str | None = None,
 ) -> torch.Tensor:
     """Write the hard mask (1 = keep) for `scores` into `mask` in place, pruning exactly floor(sparsity * n)
     weights globally (or per layer). Ties at the threshold are broken by position so the count is exact. `floors`
-    (see `density_floors`) keep a minimum of weights in each layer / protected row."""
+    (see `density_floors`) keep a minimum of weights in each layer / protected row.
+
+    `nm_pattern` (`"N:M"`): instead keep the N largest |scores| of every M consecutive weights along the input
+    dimension of each eligible layer (`semi_structured.nm_mask_`); `sparsity`, `threshold` and `floors` do not
+    apply."""
+    if nm_pattern is not None:
+        from .semi_structured import nm_mask_, parse_nm
+
+        nm_mask_(scores.abs(), mask, layers, *parse_nm(nm_pattern))
+        return mask
     floors = floors or []
     if threshold == "global":
         finder = finder or ThresholdFinder()
