@@ -45,11 +45,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def regnet(num_labels=5):
-    # groups_width=8: stage 0 (8 channels) has plain convs, stage 1 (16) grouped 3x3 convs (groups=2), which TP
+def regnet(num_labels=5, width=8):
+    # groups_width=width: stage 0 has plain convs, stage 1 (2 x width channels) grouped 3x3 convs (groups=2), which
     # cannot shrink channel by channel: those groups are skipped, the others (incl. squeeze-excite) are units.
-    return RegNetForImageClassification(RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                                     groups_width=8, num_labels=num_labels))
+    return RegNetForImageClassification(RegNetConfig(embedding_size=width, hidden_sizes=[width, 2 * width],
+                                                     depths=[1, 1], groups_width=width, num_labels=num_labels))
 
 
 def mobilenet_v1(num_labels=5):
@@ -292,7 +292,7 @@ def test_wrapper_search_compact_save_load(case, tmp_path):
 def regnet_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("base") / "tiny-regnet"
     torch.manual_seed(0)
-    model = regnet(num_labels=20)
+    model = regnet(num_labels=20, width=16)  # finer channel granularity for the 50% FLOPs target
     reinitialise(model)
     model.save_pretrained(path)
     return str(path)
@@ -300,14 +300,36 @@ def regnet_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["pass", "l1"])
 def test_recipe_on_a_model_without_rules(method, regnet_dir, tmp_path):
+    """Search (PASS) or score (l1) -> compaction at the FLOPs target -> fine-tuning -> saved -> reloaded, on a
+    model the rules do not cover; PASS through recipes/pass.py's own argument parsing."""
+    import os
+    import runpy
+    import sys
+
     from tiny_models import recipe_args
 
     from prompt_sparsity.training import run_pruning
 
-    groups = recipe_args(regnet_dir, tmp_path, method=method, input_size=S, pad_size=4, flops_ratio=0.7,
-                         latency_batch_sizes=[1])
-    results = run_pruning(*groups)
-    assert results["flops_ratio"] <= 0.72 and results["flops"] < results["dense_flops"]
+    if method == "pass":
+        recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+        sys.path.insert(0, recipes)
+        try:
+            main = runpy.run_path(os.path.join(recipes, "pass.py"))["main"]
+            main(["--model_name_or_path", regnet_dir, "--dataset_name", "digits", "--input_size", str(S),
+                  "--pad_size", "4", "--max_train_samples", "64", "--max_eval_samples", "32",
+                  "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0", "--search_epochs", "1",
+                  "--finetune_epochs", "1", "--max_steps_per_epoch", "2", "--cpu", "--torch_threads", "1",
+                  "--flops_ratio", "0.5", "--latency_batch_sizes", "1", "--channel_discovery", "depgraph",
+                  "--output_dir", str(tmp_path)])
+        finally:
+            sys.path.remove(recipes)
+        results = json.load(open(tmp_path / "results.json"))
+        assert "test_accuracy_prompt" in results["accuracy"]["test"]
+    else:
+        results = run_pruning(*recipe_args(regnet_dir, tmp_path, method=method, input_size=S, pad_size=4,
+                                           flops_ratio=0.5, latency_batch_sizes=[1]))
+    assert results["flops_ratio"] <= 0.52 and results["flops"] < results["dense_flops"]
+    assert results["params"] < results["dense_params"]
     saved = PromptedSparseModel.from_pretrained(tmp_path)
     assert saved.config.channel_discovery == "depgraph"
     assert saved.config.channel_widths == results["channel_widths"]
@@ -316,3 +338,18 @@ def test_recipe_on_a_model_without_rules(method, regnet_dir, tmp_path):
     x = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, saved(x).logits, atol=0, rtol=0)
+
+
+def test_restore_widths_for_resume():
+    """Resuming after the compaction gives an uncompacted wrapper the compact architecture from the widths."""
+    model = _wrap(build("hf_regnet"))
+    units = model.structure.units
+    masks = random_masks(units, seed=2)
+    model.compact(masks)
+    fresh = _wrap(build("hf_regnet", seed=1))
+    fresh.structure.restore_widths_(fresh.model, model.config.channel_widths)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, model(x).logits, atol=0, rtol=0)
+    assert [(u.name, u.num_channels) for u in fresh.structure.units] == list(model.config.channel_widths.items())
