@@ -234,10 +234,40 @@ def test_no_safe_unit_and_bad_settings_raise():
     two = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(6, 4))
     assert [(u.name, u.consumer, u.num_channels) for u in find_channel_units(two, "auto", S)] == [("0", "2", 8)]
+    # ConvNeXt V2 (GRN mixes the hidden channels; LayerNorms elsewhere) and ViT (attention reshapes, LayerNorms):
+    # no exact group either, and the message says why
+    from transformers import AutoModelForImageClassification, ConvNextV2Config
+    from tiny_models import tiny_model
+
+    v2 = AutoModelForImageClassification.from_config(
+        ConvNextV2Config(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=5))
+    for model, name in ((v2, "ConvNextV2ForImageClassification"), (tiny_model("vit"), "ViTForImageClassification")):
+        with pytest.raises(ValueError, match=rf"(?s){name}: no hand-written rule.*reasons: .*not known to treat"):
+            find_channel_units(model, "auto", S)
     with pytest.raises(ValueError, match="discovery='nope'"):
         find_channel_units(plain, "nope")
     with pytest.raises(ValueError, match="channel_discovery='graph'"):
         PromptedSparseConfig(channel_discovery="graph")
+
+
+def test_channel_criteria_on_depgraph_units():
+    """The channel baselines' criteria score depgraph units like rule units (bn_scale needs a BatchNorm, which the
+    squeeze-excite units lack, and says so)."""
+    from prompt_sparsity.methods.channel_pruners import channel_importance
+
+    model = build("hf_regnet")
+    units = find_channel_units(model, "depgraph", S)
+    x = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    kwargs = dict(batches=[(x, y)], forward_fn=lambda b: nn.functional.cross_entropy(model(b[0]).logits, b[1]),
+                  example_inputs=torch.zeros(1, 3, S, S), generator=torch.Generator().manual_seed(0))
+    for criterion in ("l1", "random", "taylor", "depgraph"):
+        scores = channel_importance(criterion, model, units, **kwargs)
+        assert [tuple(s.shape) for s in scores] == [(u.num_channels,) for u in units], criterion
+        assert all(bool(torch.isfinite(s).all()) and bool((s >= 0).all()) for s in scores), criterion
+        assert any(bool(s.std() > 0) for s in scores if s.numel() > 1), criterion
+    with pytest.raises(ValueError, match="has no BatchNorm"):
+        channel_importance("bn_scale", model, units)
 
 
 def _wrap(base, **kwargs):

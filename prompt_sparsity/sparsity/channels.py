@@ -371,7 +371,7 @@ def find_channel_units(model: nn.Module, discovery: str = "rules", input_size=22
 
         units, reports = analyse_depgraph(model, input_size)
         if not units:
-            reasons = sorted({r.skipped for r in reports})
+            reasons = sorted({r.skipped for r in reports}) or ["no conv/linear layer ran in the traced forward"]
             raise ValueError(
                 f"find_channel_units: no prunable channel unit found in {type(model).__name__}: no hand-written "
                 "rule matches and Torch-Pruning's dependency graph has no group that is an exact unit (reasons: "

@@ -102,10 +102,12 @@ def _is_layer(m) -> bool:
 
 
 def _forward_calls(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """{name: number of calls} of every conv/linear, in first-call order."""
+    """{name: number of calls} of every conv/linear/BatchNorm, in first-call order."""
+    from .channels import _is_bn
+
     calls: dict[str, int] = {}
     hooks = [m.register_forward_hook(lambda *a, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
-             for n, m in model.named_modules() if _is_layer(m)]
+             for n, m in model.named_modules() if _is_layer(m) or _is_bn(m)]
     try:
         with torch.no_grad():
             model(x)
@@ -140,10 +142,11 @@ def analyse_depgraph(model: nn.Module, input_size=224, num_channels: int = 3):
 
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(calls)}
-    head = next(reversed(calls)) if calls else None  # the last conv/linear called: the classifier
+    layer_names = [n for n in calls if _is_layer(model.get_submodule(n))]
+    head = layer_names[-1] if layer_names else None  # the last conv/linear called: the classifier
     covered: set[str] = set()
     units, reports = [], []
-    for root_name in calls:
+    for root_name in layer_names:
         root = model.get_submodule(root_name)
         if root_name in covered or root not in dg.module2node:
             continue
@@ -176,6 +179,8 @@ def analyse_depgraph(model: nn.Module, input_size=224, num_channels: int = 3):
                 else:
                     (producers if out else consumers).append(name)
             elif _is_bn(mod) and name is not None:
+                if calls.get(name, 0) != 1:
+                    why = f"{name} is called {calls.get(name, 0)} times per forward (shared BatchNorm)"
                 norms.append(name)
             elif node.type == tp.ops.OPTYPE.ELEMENTWISE:
                 fn = type(node.grad_fn).__name__ if node.grad_fn is not None else ""
@@ -190,12 +195,10 @@ def analyse_depgraph(model: nn.Module, input_size=224, num_channels: int = 3):
             else:
                 why = f"{node.name}: {node.type.name} layers are not supported in a unit"
         has_reshape = any(dep.target.type == tp.ops.OPTYPE.RESHAPE for dep, _ in group)
-        layers = [model.get_submodule(n) for n in consumers]
-        if why is None:
-            producers = sorted(dict.fromkeys(producers), key=order.__getitem__)
-            consumers = sorted(dict.fromkeys(consumers), key=order.__getitem__)
-            depthwise = sorted(dict.fromkeys(depthwise), key=order.__getitem__)
-            norms = list(dict.fromkeys(norms))
+        if why is None:  # forward order: the first BatchNorm is the producer's (bn_scale reads it)
+            producers, consumers, depthwise, norms = (sorted(set(x), key=order.__getitem__)
+                                                      for x in (producers, consumers, depthwise, norms))
+            layers = [model.get_submodule(n) for n in consumers]
             if not producers or producers[0] != root_name:
                 why = "no plain conv/linear produces these channels first"
             elif not consumers:
