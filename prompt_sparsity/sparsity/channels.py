@@ -55,7 +55,8 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "any other CNN through Torch-Pruning's dependency graph (discovery='auto' or 'depgraph'): the groups of "
     "plain conv/linear output channels that only flow through BatchNorms, depthwise convs and channel-wise ops "
     "into other convs/linears (no residual addition, concatenation, LayerNorm/GroupNorm or classifier head); "
-    "verified on transformers RegNet and MobileNetV1 and timm ResNet/DenseNet",
+    "verified on transformers MobileNetV1, timm ResNet and DenseNet (inner units), and transformers RegNet (its "
+    "stem and squeeze-excite units, and plain-conv stages; grouped 3x3 convs are skipped)",
 )
 DISCOVERY = ("rules", "depgraph", "auto")
 
