@@ -340,6 +340,7 @@ def test_recipe_on_a_model_without_rules(method, regnet_dir, tmp_path):
 
     from prompt_sparsity.training import run_pruning
 
+    out = tmp_path / "run"
     if method == "pass":
         recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
         sys.path.insert(0, recipes)
@@ -350,24 +351,33 @@ def test_recipe_on_a_model_without_rules(method, regnet_dir, tmp_path):
                   "--per_device_train_batch_size", "16", "--dataloader_num_workers", "0", "--search_epochs", "1",
                   "--finetune_epochs", "1", "--max_steps_per_epoch", "2", "--cpu", "--torch_threads", "1",
                   "--flops_ratio", "0.5", "--latency_batch_sizes", "1", "--channel_discovery", "depgraph",
-                  "--output_dir", str(tmp_path)])
+                  "--output_dir", str(out)])
         finally:
             sys.path.remove(recipes)
-        results = json.load(open(tmp_path / "results.json"))
+        results = json.load(open(out / "results.json"))
         assert "test_accuracy_prompt" in results["accuracy"]["test"]
     else:
-        results = run_pruning(*recipe_args(regnet_dir, tmp_path, method=method, input_size=S, pad_size=4,
+        results = run_pruning(*recipe_args(regnet_dir, out, method=method, input_size=S, pad_size=4,
                                            flops_ratio=0.5, latency_batch_sizes=[1]))
     assert results["flops_ratio"] <= 0.52 and results["flops"] < results["dense_flops"]
     assert results["params"] < results["dense_params"]
-    saved = PromptedSparseModel.from_pretrained(tmp_path)
+    saved = PromptedSparseModel.from_pretrained(out)
     assert saved.config.channel_discovery == "depgraph"
     assert saved.config.channel_widths == results["channel_widths"]
     assert measure_flops(saved.model, S) == pytest.approx(results["flops"])
-    again = PromptedSparseModel.from_pretrained(tmp_path)
+    again = PromptedSparseModel.from_pretrained(out)
     x = torch.rand(2, 3, S, S, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, saved(x).logits, atol=0, rtol=0)
+    if method == "l1":  # the compact depgraph structure transfers to another dataset (same units, same widths)
+        from prompt_sparsity.training import run_transfer
+        from prompt_sparsity.transfer import TransferArguments
+
+        model, data, prune, run = recipe_args(regnet_dir, tmp_path / "transfer", dataset_name="mnist", input_size=S,
+                                              pad_size=4, latency_batch_sizes=[1])
+        moved = run_transfer(model, data, prune, run, TransferArguments(subnetwork=str(out)))
+        assert moved["channel_widths"] == results["channel_widths"]
+        assert PromptedSparseModel.from_pretrained(tmp_path / "transfer").config.channel_discovery == "depgraph"
 
 
 def test_restore_widths_for_resume():
