@@ -167,7 +167,8 @@ def test_forced_depgraph_on_a_rule_model_matches_the_rules_and_the_flops():
     stem = "resnet.embedder.embedder.convolution"
     key = lambda u: (u.name, u.num_channels, u.producer, u.consumer, u.norms)  # noqa: E731
     assert [key(u) for u in graph if u.name != stem] == [key(u) for u in rules]
-    assert graph[0].name == stem and graph[0].extra_consumers == ("resnet.encoder.stages.0.layers.0.shortcut.convolution",)
+    assert graph[0].name == stem
+    assert graph[0].extra_consumers == ("resnet.encoder.stages.0.layers.0.shortcut.convolution",)
     assert graph[1].input_unit == stem and [u.input_unit for u in graph[2:]] == [u.input_unit for u in rules[1:]]
     assert {u.kind for u in graph} == {"depgraph"} and {u.kind for u in rules} == {"resnet_bottleneck"}
     x = torch.randn(2, 3, S, S)
