@@ -140,6 +140,10 @@ class PruningArguments:
         default="global", metadata={"help": "global (PASS) or uniform per unit."}
     )
     min_channels: int = field(default=1, metadata={"help": "Channels every unit keeps at least."})
+    channel_discovery: Literal["auto", "rules", "depgraph"] = field(
+        default="auto", metadata={"help": "Channel units: hand-written rules, Torch-Pruning's dependency graph, or "
+                                          "auto (rules, else the dependency graph)."}
+    )
     hypernet_lr: str = field(
         default="auto",
         metadata={"help": "PASS hypernetwork + prompt encoder (Adam): a number, or 'auto' = clip(1e-3 * 5880 / "

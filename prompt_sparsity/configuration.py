@@ -14,6 +14,7 @@ SPARSITY_TYPES = ("unstructured", "structured", "none")
 THRESHOLDS = ("global", "layerwise")
 MASK_FORMATS = ("scores", "packed")
 HEADS = ("pretrained", "new")
+CHANNEL_DISCOVERY = ("auto", "rules", "depgraph")
 
 
 class PromptedSparseConfig(PreTrainedConfig):
@@ -51,6 +52,9 @@ class PromptedSparseConfig(PreTrainedConfig):
         flops_ratio: the FLOPs budget as a fraction of the dense model's, in (0, 1].
         channel_selection: `global` (one threshold across units) or `uniform` (same keep ratio per unit).
         min_channels: channels every unit keeps at least. hypernet_*: the PASS hypernetwork's sizes/temperature.
+        channel_discovery: how channel units are found: `rules` (hand-written per-block rules), `depgraph`
+            (Torch-Pruning's dependency graph, for models without a rule) or `auto` (rules, else depgraph; resolved
+            and recorded at wrap time).
         channel_units: `[[unit name, channels], ...]` of the dense base, recorded at wrap time.
         channel_widths: `{unit name: kept channels}` once the model is compacted; `from_pretrained` rebuilds
             this compact architecture from the base config before loading weights.
@@ -93,6 +97,7 @@ class PromptedSparseConfig(PreTrainedConfig):
     hypernet_stat_dim: int = 64
     hypernet_temperature: float = 0.4
     flops_penalty: float = 0.0
+    channel_discovery: str = "auto"
     channel_units: list | None = None
     channel_widths: dict | None = None
     dense_flops: float | None = None
@@ -185,6 +190,7 @@ class PromptedSparseConfig(PreTrainedConfig):
                 bad(f"min_layer_density={self.min_layer_density} is above the {n}/{m} = {n / m:g} of its weights "
                     f"that nm_pattern={self.nm_pattern!r} keeps in every layer; lower it to at most {n / m:g}.")
         choice("channel_selection", ("global", "uniform"))
+        choice("channel_discovery", CHANNEL_DISCOVERY)
         if isinstance(self.flops_ratio, bool) or not isinstance(self.flops_ratio, (int, float)) or not (
             0.0 < float(self.flops_ratio) <= 1.0
         ):

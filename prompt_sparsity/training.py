@@ -146,7 +146,7 @@ class PruningRun:
                 sparsity_type="structured" if self.method.structured else "unstructured",
                 flops_ratio=pargs.flops_ratio, channel_selection=pargs.channel_selection,
                 min_channels=pargs.min_channels, hypernet_hidden_size=pargs.hypernet_hidden_size,
-                flops_penalty=pargs.flops_penalty,
+                flops_penalty=pargs.flops_penalty, channel_discovery=pargs.channel_discovery,
                 target_modules=pargs.target_modules, exclude_modules=pargs.exclude_modules,
                 min_layer_density=pargs.min_layer_density, prompt_method=self.prompt_method, input_size=margs.input_size,
                 nm_pattern=pargs.nm_pattern if self.method.sparse else None,
@@ -638,6 +638,7 @@ class TransferRun(PruningRun):
             exclude_modules=c.exclude_modules, min_layer_density=c.min_layer_density, flops_ratio=c.flops_ratio, channel_selection=c.channel_selection,
             nm_pattern=getattr(c, "nm_pattern", None),
             min_channels=c.min_channels, hypernet_hidden_size=c.hypernet_hidden_size,
+            channel_discovery=c.channel_discovery,
         )
         super().__init__(model_args, data_args, prune_args, run_args, method=transfer_plan(c, transfer_args))
         self.name = f"transfer-{short_name(transfer_args.subnetwork)}-{short_name(data_args.dataset_name)}"

@@ -11,7 +11,9 @@ dependency graph): the supported blocks are few, the matching is exact and cheap
 forward pass), it works on ``from_config`` models in train mode and inside wrappers, and it yields
 exactly the inner-channel units PASS wants (Torch-Pruning's default groups also couple
 residual-stream channels, which we leave alone). Every unit is checked for consistent channel
-counts when found.
+counts when found. Models without a rule can use Torch-Pruning's traced dependency graph instead
+(``find_channel_units(model, discovery="depgraph" | "auto")``, :mod:`.depgraph_units`): its
+groups that are exact PASS units become units of ``kind="depgraph"``.
 
 The three operations share the unit description, so they agree by construction:
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -37,6 +39,7 @@ __all__ = [
     "ChannelUnit",
     "ChannelMasker",
     "find_channel_units",
+    "resize_units",
     "compact_model",
     "shrink_to_widths",
     "masks_to_indices",
@@ -49,7 +52,13 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "timm EfficientNet / MobileNetV2 / MobileNetV3 family (stem, InvertedResidual and EdgeResidual "
     "blocks, e.g. efficientnet_lite0, efficientnet_b0, mobilenetv2_100, "
     "mobilenetv3_small_050), bare or inside transformers.TimmWrapperForImageClassification",
+    "any other CNN through Torch-Pruning's dependency graph (discovery='auto' or 'depgraph'): the groups of "
+    "plain conv/linear output channels that only flow through BatchNorms, depthwise convs and channel-wise ops "
+    "into other convs/linears (no residual addition, concatenation, LayerNorm/GroupNorm or classifier head); "
+    "verified on transformers MobileNetV1, timm ResNet and DenseNet (inner units), and transformers RegNet (its "
+    "stem and squeeze-excite units, and plain-conv stages; grouped 3x3 convs are skipped)",
 )
+DISCOVERY = ("rules", "depgraph", "auto")
 
 _TIMM_ROOTS = ("EfficientNet", "EfficientNetFeatures", "MobileNetV3", "MobileNetV3Features")
 
@@ -73,7 +82,10 @@ class ChannelUnit:
             channels-last activations such as ConvNeXt's MLP).
         input_unit: name of the unit whose channels are the producer's *input* channels, if any
             (e.g. a bottleneck's conv2 unit has the conv1 unit as input); ``None`` otherwise.
-        kind: block type, e.g. ``"resnet_basic"``, ``"inverted_residual"``, ``"convnext_mlp"``.
+        kind: block type, e.g. ``"resnet_basic"``, ``"inverted_residual"``, ``"convnext_mlp"``, ``"depgraph"``.
+        extra_producers: further convs/linears whose *output* channels are the unit (depgraph units, e.g. a
+            squeeze-excite expand conv gating it).
+        extra_consumers: further convs/linears whose *input* channels are the unit (depgraph units).
     """
 
     name: str
@@ -88,6 +100,8 @@ class ChannelUnit:
     channel_dim: int = 1
     input_unit: str | None = None
     kind: str = ""
+    extra_producers: tuple[str, ...] = ()
+    extra_consumers: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """A JSON-serialisable description of the unit."""
@@ -324,7 +338,8 @@ def _channels(mod: nn.Module, role: str) -> int:
 
 def _check_unit(model: nn.Module, u: ChannelUnit) -> None:
     roles = ([(u.producer, "out")] + [(n, "norm") for n in u.norms] + [(n, "out") for n in u.depthwise]
-             + [(n, "in") for n in u.se_reduce] + [(n, "out") for n in u.se_expand] + [(u.consumer, "in")])
+             + [(n, "in") for n in u.se_reduce] + [(n, "out") for n in u.se_expand] + [(u.consumer, "in")]
+             + [(n, "out") for n in u.extra_producers] + [(n, "in") for n in u.extra_consumers])
     for mod_name, role in roles:
         c = _channels(model.get_submodule(mod_name), role)
         if c != u.num_channels:
@@ -335,20 +350,40 @@ def _check_unit(model: nn.Module, u: ChannelUnit) -> None:
             )
 
 
-def find_channel_units(model: nn.Module) -> list[ChannelUnit]:
+def find_channel_units(model: nn.Module, discovery: str = "rules", input_size=224) -> list[ChannelUnit]:
     """The prunable channel units of ``model``, in forward order.
 
+    ``discovery``: ``"rules"`` (the hand-written block rules), ``"depgraph"`` (Torch-Pruning's traced dependency
+    graph, :func:`~prompt_sparsity.sparsity.depgraph_units.find_depgraph_units`; traces a zero image of
+    ``input_size``) or ``"auto"`` (the rules, else the dependency graph). Call it on the *dense* model for
+    depgraph units; after a compaction use :func:`resize_units`.
     Raises ``ValueError`` naming the model class and the supported architectures when none is found.
     """
+    if discovery not in DISCOVERY:
+        raise ValueError(f"find_channel_units: discovery={discovery!r} is not one of {', '.join(DISCOVERY)}")
     units: list[ChannelUnit] = []
-    for name, mod in model.named_modules():
-        matcher = _MATCHERS.get(type(mod).__name__)
-        if matcher is not None:
-            units.extend(matcher(name, mod))
+    if discovery != "depgraph":
+        for name, mod in model.named_modules():
+            matcher = _MATCHERS.get(type(mod).__name__)
+            if matcher is not None:
+                units.extend(matcher(name, mod))
+    if not units and discovery != "rules":
+        from .depgraph_units import analyse_depgraph
+
+        units, reports = analyse_depgraph(model, input_size)
+        if not units:
+            reasons = sorted({r.skipped for r in reports}) or ["no conv/linear layer ran in the traced forward"]
+            raise ValueError(
+                f"find_channel_units: no prunable channel unit found in {type(model).__name__}: no hand-written "
+                "rule matches and Torch-Pruning's dependency graph has no group that is an exact unit (reasons: "
+                + "; ".join(reasons[:6]) + "). Supported architectures:\n  - " + "\n  - ".join(SUPPORTED_ARCHITECTURES)
+            )
+        return units
     if not units:
         raise ValueError(
             f"find_channel_units: no prunable channel unit found in {type(model).__name__}. "
             "Supported architectures:\n  - " + "\n  - ".join(SUPPORTED_ARCHITECTURES)
+            + "\n(use discovery='auto' to try Torch-Pruning's dependency graph when no rule matches)"
         )
     by_consumer = {u.consumer: u.name for u in units}
     units = [
@@ -360,6 +395,16 @@ def find_channel_units(model: nn.Module) -> list[ChannelUnit]:
     if len(set(names)) != len(names):
         raise RuntimeError("internal error: duplicate unit names")
     return units
+
+
+def resize_units(model: nn.Module, units: Sequence[ChannelUnit], widths: Mapping[str, int]) -> list[ChannelUnit]:
+    """The units of ``model`` after a compaction to ``widths`` (``{unit.name: kept}``; missing units whole): the
+    same units with their new channel counts, checked against ``model``. Exact for every discovery, whereas a
+    traced rediscovery of a compact model may see a depthwise conv cut to one channel as a plain conv."""
+    out = [replace(u, num_channels=int(widths.get(u.name, u.num_channels))) for u in units]
+    for u in out:
+        _check_unit(model, u)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +613,11 @@ def _shrink_unit(model: nn.Module, u: ChannelUnit, idx: torch.Tensor) -> None:
         _shrink_in(get(n), idx, n)
     for n in u.se_expand:
         _shrink_out(get(n), idx, n)
+    for n in u.extra_producers:
+        _shrink_out(get(n), idx, n)
     _shrink_in(get(u.consumer), idx, u.consumer)
+    for n in u.extra_consumers:
+        _shrink_in(get(n), idx, n)
 
 
 def masks_to_indices(units: Sequence[ChannelUnit], masks: MaskArg, tol: float = 1e-3) -> list[torch.Tensor]:

@@ -126,9 +126,9 @@ class FlopsModel:
         for i, u in enumerate(self.units):
             put(out_role, u.producer, i)
             put(in_role, u.consumer, i)
-            for n in u.se_reduce:
+            for n in (*u.se_reduce, *u.extra_consumers):
                 put(in_role, n, i)
-            for n in u.se_expand:
+            for n in (*u.se_expand, *u.extra_producers):
                 put(out_role, n, i)
             for n in u.depthwise:
                 if n in in_role or n in out_role:

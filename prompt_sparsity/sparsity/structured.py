@@ -8,7 +8,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .channels import ChannelMasker, compact_model, find_channel_units, masks_to_indices, shrink_to_widths
+from .channels import (
+    ChannelMasker,
+    compact_model,
+    find_channel_units,
+    masks_to_indices,
+    resize_units,
+    shrink_to_widths,
+)
 from .flops import FlopsModel
 
 
@@ -19,7 +26,11 @@ class ChannelSparsity(nn.Module):
     def __init__(self, config, base_model: nn.Module):
         super().__init__()
         self.config = config
-        units = find_channel_units(base_model)
+        # Units are found on the dense base (the fresh one when loading a compact checkpoint), traced at the canvas
+        # size for depgraph discovery; "auto" is resolved and recorded so a reload uses the same discovery.
+        units = find_channel_units(base_model, config.channel_discovery, config.output_size)
+        if config.channel_discovery == "auto":
+            config.channel_discovery = "depgraph" if units[0].kind == "depgraph" else "rules"
         found = [[u.name, u.num_channels] for u in units]
         if config.channel_units is None:
             config.channel_units = found
@@ -47,8 +58,8 @@ class ChannelSparsity(nn.Module):
         self._masker = None
         self._flops = None
         if widths:
-            shrink_to_widths(base_model, None, widths)
-            self._units = find_channel_units(base_model)
+            shrink_to_widths(base_model, units, widths)
+            self._units = resize_units(base_model, units, widths)
 
     @property
     def dense_flops(self) -> float | None:
@@ -100,7 +111,7 @@ class ChannelSparsity(nn.Module):
         widths = compact_model(base_model, self._units, masks)
         self.config.channel_widths = dict(widths)
         self.kept_indices = torch.cat([i.to(torch.int32) for i in indices]).to(self.kept_indices.device)
-        self._units = find_channel_units(base_model)
+        self._units = resize_units(base_model, self._units, widths)
         self._flops = None
         return widths
 
@@ -122,10 +133,10 @@ class ChannelSparsity(nn.Module):
         if self._masker is not None:
             self._masker.detach()
             self._masker = None
-        shrink_to_widths(base_model, None, widths)
+        shrink_to_widths(base_model, self._units, widths)
         self.config.channel_widths = dict(widths)
         self.kept_indices = torch.zeros(sum(widths.values()), dtype=torch.int32, device=self.kept_indices.device)
-        self._units = find_channel_units(base_model)
+        self._units = resize_units(base_model, self._units, widths)
         self._flops = None
 
     def kept_indices_per_unit(self) -> dict[str, torch.Tensor]:
