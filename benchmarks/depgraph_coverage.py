@@ -8,11 +8,14 @@ PASS can reach with these units; what stays is in residual streams, grouped conv
 
     python benchmarks/depgraph_coverage.py     # ~1 min on 2 CPU cores
 
-Prints a markdown table (no result file).
+Prints a markdown table and writes it to benchmarks/results/depgraph_coverage.md (with the machine and commit).
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 import time
 
 import torch
@@ -43,8 +46,9 @@ def main() -> None:
             TimmWrapperConfig(architecture="resnet50", num_labels=1000)),
         "timm densenet121": lambda: timm.create_model("densenet121"),
     }
-    print("| model | units | channels | discovery s | dense GFLOPs | FLOPs at half of every unit | floor (1 channel "
-          "per unit) |\n|---|---|---|---|---|---|---|")
+    lines = ["| model | units | channels | discovery s | dense GFLOPs | FLOPs at half of every unit | floor (1 channel "
+             "per unit) |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
     for name, build in models.items():
         model = build().eval()
         start = time.perf_counter()
@@ -58,8 +62,27 @@ def main() -> None:
 
         half = fm.flops(keep(lambda c: c // 2)) / fm.dense_flops
         floor = fm.flops(keep(lambda c: 1)) / fm.dense_flops
-        print(f"| {name} | {len(units)} | {sum(u.num_channels for u in units)} | {seconds:.1f} | "
-              f"{fm.dense_flops / 1e9:.2f} | {100 * half:.1f}% | {100 * floor:.1f}% |", flush=True)
+        lines.append(f"| {name} | {len(units)} | {sum(u.num_channels for u in units)} | {seconds:.1f} | "
+                     f"{fm.dense_flops / 1e9:.2f} | {100 * half:.1f}% | {100 * floor:.1f}% |")
+        print(lines[-1], flush=True)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "depgraph_coverage.md")
+    header = ["# Depgraph channel units on full-size architectures", "",
+              f"**Machine:** {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread, "
+              f"random weights, one (1, 3, {size}, {size}) zero image traced; commit {_commit()}, "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(header + lines) + "\n")
+    os.replace(tmp, path)  # atomic: never a half-written results file
+    print(f"wrote {path}")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 if __name__ == "__main__":
