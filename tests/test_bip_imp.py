@@ -281,3 +281,18 @@ def test_end_to_end_save_and_reload_identical_mask(method, prompt, base_dir, tmp
     again = PromptedSparseModel.from_pretrained(tmp_path)
     x = torch.rand(2, 3, 16, 16)
     assert torch.equal(saved(pixel_values=x).logits, again(pixel_values=x).logits)
+
+
+def test_bip_resume_mid_search_equals_uninterrupted(base_dir, tmp_path):
+    kwargs = dict(method="bip", search_epochs=2, finetune_epochs=1)
+    full = tmp_path / "full"
+    run_pruning(*recipe_args(base_dir, full, **kwargs))
+    assert sorted(os.listdir(full / "checkpoints")) == ["stage0-epoch0", "stage0-epoch1", "stage1-epoch0"]
+    resumed = tmp_path / "resumed"
+    run_pruning(*recipe_args(base_dir, resumed, resume_from_checkpoint=str(full / "checkpoints" / "stage0-epoch0"),
+                             **kwargs))
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ra, rb = json.load(open(full / "results.json")), json.load(open(resumed / "results.json"))
+    assert ra["history"] == rb["history"] and ra["mask_sha256"] == rb["mask_sha256"]

@@ -1,5 +1,5 @@
-"""The registry of unstructured pruning methods. A method is a plan: training stages and one-shot pruning steps,
-run by one shared loop (`prompt_sparsity.training`). Any method can be combined with the visual prompt by a
+"""The registry of unstructured pruning methods. A method is a plan: training stages and one-shot pruning steps
+(iterative pruning, `Rounds`, unrolls into both with `expand_plan`), run by one shared loop (`prompt_sparsity.training`). Any method can be combined with the visual prompt by a
 switch (`prompt_method`), as in the paper's "VPNs w. X" experiments."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Stage:
     """A training stage. `search`: scores + prompt trainable, weights frozen. `dense`: all weights + prompt
-    trainable with every weight kept. `finetune`: the mask is fixed, weights + prompt trainable."""
+    trainable with every weight kept. `finetune`: the mask is fixed, weights + prompt trainable. `bilevel` (BiP):
+    per iteration a weight step on one batch, then a score (+ prompt) step with the implicit gradient on another
+    (`prompt_sparsity.methods.bilevel`)."""
 
     kind: str  # search | dense | finetune | structure_search | bilevel
     epochs_field: str  # the PruningArguments field that holds its number of epochs
