@@ -296,3 +296,26 @@ def test_bip_resume_mid_search_equals_uninterrupted(base_dir, tmp_path):
         assert torch.equal(a[key], b[key]), key
     ra, rb = json.load(open(full / "results.json")), json.load(open(resumed / "results.json"))
     assert ra["history"] == rb["history"] and ra["mask_sha256"] == rb["mask_sha256"]
+
+
+def test_benchmark_budgets_give_imp_and_bip_the_same_passes():
+    pytest.importorskip("matplotlib")
+    import importlib.util
+
+    from prompt_sparsity.optim import SCORE_LR_RULE
+
+    # Loaded under its own name: recipes/common.py is the `common` other tests import.
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
+    spec = importlib.util.spec_from_file_location("benchmarks_common", path)
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+
+    for passes in (4, 8):
+        # IMP: its rounds share half the passes, the fine-tune the other half (OMP: dense half, fine-tune half)
+        assert common.equal_budget_epochs("imp", passes) == {"imp_epochs": passes // 2, "finetune_epochs": passes // 2}
+        # BiP: a bilevel epoch is two passes (a weight batch and a score batch per iteration), like a VPNs epoch
+        assert common.equal_budget_epochs("bip", passes) == {"search_epochs": passes // 4, "finetune_epochs": passes // 2}
+    epochs = common.equal_budget_epochs("bip", 8)
+    assert common.stage_steps("bip", epochs, 640, 64) == {"bilevel": 20, "finetune": 40}  # one score step / iteration
+    scaled = common.scaled_learning_rates("bip", 3.0, 8, 640, 64)
+    assert scaled["score_lr"] == pytest.approx(3 * SCORE_LR_RULE(20), rel=1e-3)  # 'auto' at the bilevel steps

@@ -147,17 +147,6 @@ register_method(
     Method("omp", (DENSE, Prune("magnitude", rewind=True), FINETUNE), display_name="OMP",
            description="Dense fine-tune, global magnitude mask, rewind to pretrained, fine-tune (OMP).")
 )
-register_method(
-    Method("imp", (Rounds(), FINETUNE), display_name="IMP",
-           description="Iterative magnitude pruning (LTH): prune 20% of the remaining weights per round, rewind to "
-                       "pretrained, retrain; the last round lands on the target, then fine-tune.")
-)
-BILEVEL = Stage("bilevel", "search_epochs", steps="two")
-register_method(
-    Method("bip", (BILEVEL, FINETUNE), display_name="BiP",
-           description="Bi-level pruning (BiP): alternating weight and score steps, the score step with the "
-                       "implicit-gradient correction, then the frozen mask fine-tuned.")
-)
 register_method(Method("random", (Prune("random"), FINETUNE), threshold="layerwise", display_name="Random",
                        description="Uniform per-layer random mask, then fine-tune."))
 register_method(Method("snip", (Prune("snip"), FINETUNE), display_name="SNIP", description="SNIP |w*g| at the pretrained weights."))
@@ -182,3 +171,16 @@ for _criterion, _display, _text in [
 ]:
     register_method(Method(_criterion, (Prune(_criterion), FINETUNE), structured=True, display_name=_display,
                            description=f"Channel pruning by {_text} at the FLOPs target, then fine-tune."))
+
+# Unstructured baselines added later (registered last: the existing order of --method choices is kept).
+register_method(
+    Method("imp", (Rounds(), FINETUNE), display_name="IMP",
+           description="Iterative magnitude pruning (LTH): prune 20% of the remaining weights per round, rewind to "
+                       "pretrained, retrain; the last round lands on the target, then fine-tune.")
+)
+BILEVEL = Stage("bilevel", "search_epochs", steps="two")
+register_method(
+    Method("bip", (BILEVEL, FINETUNE), display_name="BiP",
+           description="Bi-level pruning (BiP): alternating weight and score steps, the score step with the "
+                       "implicit-gradient correction, then the frozen mask fine-tuned.")
+)
