@@ -43,10 +43,10 @@ from prompt_sparsity.training import write_json_atomic  # noqa: E402
 
 # One colour per method across every plot; the prompt methods (VPNs, PASS) in red, no baseline shares it.
 COLOURS = {"vpns": "C3", "pass": "C3", "hydra": "C0", "omp": "C1", "random": "C2", "snip": "C4", "synflow": "C5",
-           "grasp": "C6", "l1": "C0", "taylor": "C1", "bn_scale": "C2", "random_channels": "C4", "depgraph": "C5",
+           "grasp": "C6", "imp": "C7", "bip": "C8", "l1": "C0", "taylor": "C1", "bn_scale": "C2", "random_channels": "C4", "depgraph": "C5",
            "dense": "k"}
 DISPLAY = {"vpns": "VPNs", "hydra": "HYDRA", "omp": "OMP", "random": "Random", "snip": "SNIP", "grasp": "GraSP",
-           "synflow": "SynFlow", "dense": "Dense fine-tuned", "pass": "PASS", "l1": "L1-norm", "taylor": "Taylor",
+           "synflow": "SynFlow", "imp": "IMP", "bip": "BiP", "dense": "Dense fine-tuned", "pass": "PASS", "l1": "L1-norm", "taylor": "Taylor",
            "bn_scale": "BN-scale", "random_channels": "Random channels", "depgraph": "DepGraph"}
 
 
@@ -288,13 +288,15 @@ def fixed_dataset(work_dir: Path, *, train: int, validation: int, test: int | No
 # --------------------------------------------------------------------------------------------- runs
 def stage_passes(method_name: str, steps: str | None = None) -> list[tuple[str, int]]:
     """[(epochs field, passes over the training set per epoch)] for each training stage of a method: a two-step
-    (prompted + augmented) epoch is two passes (VPNS.md §7)."""
-    from prompt_sparsity.methods import Stage, get_method
+    (prompted + augmented) epoch is two passes (VPNS.md §7), and so is a BiP (bilevel) epoch, whose iterations take
+    one batch for the weight step and one for the score step. IMP's rounds (`Rounds`) count as one stage: they share
+    their epochs field."""
+    from prompt_sparsity.methods import Rounds, Stage, get_method
 
     method = get_method(method_name)
     out = []
     for stage in method.plan:
-        if isinstance(stage, Stage):
+        if isinstance(stage, (Stage, Rounds)):
             s = stage.steps or steps or method.steps
             out.append((stage.epochs_field, 2 if s == "two" else 1))
     return out
@@ -403,16 +405,18 @@ LR_FIELDS = ("score_lr", "search_prompt_lr", "hypernet_lr", "structure_prompt_lr
 
 
 def stage_steps(method_name: str, epochs: dict[str, int], train: int, batch_size: int) -> dict[str, int]:
-    """Optimiser steps of each stage kind of a method, as the training loop counts them (one process)."""
-    from prompt_sparsity.methods import Stage, get_method
+    """Optimiser steps of each stage kind of a method, as the training loop counts them (one process; a bilevel
+    iteration is one step of each group; IMP's rounds together, under "imp")."""
+    from prompt_sparsity.methods import Rounds, Stage, get_method
 
     method = get_method(method_name)
     iters = math.ceil(train / batch_size)
     out = {}
     for stage in method.plan:
-        if isinstance(stage, Stage):
+        if isinstance(stage, (Stage, Rounds)):
             steps = stage.steps or method.steps
-            out[stage.kind] = out.get(stage.kind, 0) + epochs[stage.epochs_field] * iters * (2 if steps == "two" else 1)
+            per = 2 if steps == "two" and stage.kind != "bilevel" else 1
+            out[stage.kind] = out.get(stage.kind, 0) + epochs[stage.epochs_field] * iters * per
     return out
 
 
@@ -430,14 +434,17 @@ def scaled_learning_rates(method_name: str, scale: float, passes: int, train: in
     defaults = {f.name: f.default for f in dc.fields(PruningArguments) if f.name in LR_FIELDS}
     defaults.update({k: v for k, v in (base or {}).items() if k in LR_FIELDS})
     steps = stage_steps(method_name, equal_budget_epochs(method_name, passes, search_share), train, batch_size)
-    rules = {"score_lr": ("search", optim.SCORE_LR_RULE), "search_prompt_lr": ("search", optim.SEARCH_PROMPT_LR_RULE),
-             "hypernet_lr": ("structure_search", optim.HYPERNET_LR_RULE),
-             "structure_prompt_lr": ("structure_search", optim.STRUCTURE_PROMPT_LR_RULE)}
+    # BiP's bilevel stage resolves the score and prompt rules as the search stage does (`training._param_groups`).
+    rules = {"score_lr": (("search", "bilevel"), optim.SCORE_LR_RULE),
+             "search_prompt_lr": (("search", "bilevel"), optim.SEARCH_PROMPT_LR_RULE),
+             "hypernet_lr": (("structure_search",), optim.HYPERNET_LR_RULE),
+             "structure_prompt_lr": (("structure_search",), optim.STRUCTURE_PROMPT_LR_RULE)}
     out = {}
     for field, value in defaults.items():
         if field in rules:
-            kind, rule = rules[field]
-            if kind not in steps:
+            kinds, rule = rules[field]
+            kind = next((k for k in kinds if k in steps), None)
+            if kind is None:
                 continue  # the method has no such stage: leave the default
             value = optim.resolve_lr(value, rule, steps[kind], field)
         out[field] = float(f"{float(value) * scale:.4g}")

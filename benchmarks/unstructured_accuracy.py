@@ -1,12 +1,13 @@
 """Unstructured accuracy: VPNs against HYDRA, SNIP, OMP and Random at equal budgets, each at its own
-validation-selected learning rate (the fair protocol of issue 11; SynFlow and GraSP with --methods).
+validation-selected learning rate (the fair protocol of issue 11; SynFlow, GraSP, IMP and BiP with --methods).
 
 The offline ImageNet-pretrained EfficientNet-Lite0 (pretrained 1000-way head + frequency label mapping, as in the
 paper) pruned on a fixed Fashion-MNIST subset (the same images for every method and seed; validation held out of
 the official train split, the full official test split), at each sparsity, for each seed, every method with the
 same number of passes over the training data, split equally between a method's stages (a VPNs/two-step epoch is
 two passes; full mode, 8 passes: VPNs 2 search + 2 tune epochs = HYDRA 4 + 4 = OMP 4 dense + 4 tune =
-Random/SNIP 8 tune epochs), plus a dense fine-tuned reference at the same budget (8 epochs).
+Random/SNIP 8 tune epochs = IMP 4 epochs shared by its rounds + 4 tune = BiP 2 bilevel (two batches per iteration)
++ 4 tune), plus a dense fine-tuned reference at the same budget (8 epochs).
 
 Learning rates: every method gets the same grid, 0.3x / 1x / 3x all of its default learning rates (library
 defaults, 'auto' resolved at the run's step count), run at the first seed; the scale with the best validation
@@ -29,7 +30,7 @@ import common
 from common import DISPLAY, fmt_ms, markdown_table, mean_std
 
 NAME = "unstructured_accuracy"
-BASELINES = ("hydra", "snip", "omp", "random", "synflow", "grasp")
+BASELINES = ("hydra", "snip", "omp", "random", "synflow", "grasp", "imp", "bip")
 FAIR = ("vpns", "hydra", "snip", "omp", "random")  # the issue-11 protocol's methods; the others via --methods
 
 FULL = dict(train=640, validation=500, test=None, input_size=48, batch_size=64, passes=8,

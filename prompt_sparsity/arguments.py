@@ -155,6 +155,31 @@ class PruningArguments:
     flops_penalty: float = field(default=0.0, metadata={"help": "Soft-FLOPs penalty weight (PASS.md: 2; 0 = off)."})
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     synflow_iterations: int = field(default=100)
+    imp_prune_rate: float = field(
+        default=0.2,
+        metadata={"help": "IMP: fraction of the remaining weights pruned per round (LTH: 0.2); the number of rounds "
+                          "is the smallest that reaches --sparsity, the last round lands exactly on it."},
+    )
+    imp_epochs: int = field(
+        default=2,
+        metadata={"help": "IMP: epochs of training shared evenly (in iterations) by the dense round and every round "
+                          "before the last prune; the training after the last prune is --finetune_epochs."},
+    )
+    bip_implicit_gradient: Literal["code", "paper"] = field(
+        default="code",
+        metadata={"help": "BiP's implicit-gradient term on the scores: 'code' = -c * (dL/ds)^2 (the authors' code), "
+                          "'paper' = -c * sign(s) * dL/dz * dL/dtheta (the paper's Hessian-free form, z = m * theta)."},
+    )
+    bip_ig_scale: float = field(
+        default=1e-4,
+        metadata={"help": "BiP: the coefficient c of the implicit-gradient term (the paper's 1/gamma; the code's "
+                          "lr2 = 1e-4); 0 leaves alternating weight and score steps without the correction."},
+    )
+    bip_gamma: float = field(
+        default=1e-4,
+        metadata={"help": "BiP: the lower-level ridge gamma/2 * |theta|^2, i.e. the weight decay of the weight step "
+                          "(the code's wd = 1e-4; the code sets the implicit-gradient coefficient separately)."},
+    )
 
     def __post_init__(self):
         get_method(self.method)  # built in code rather than parsed: the same clear error as a bad --method
@@ -170,6 +195,13 @@ class PruningArguments:
             self._apply_nm_pattern()
         _require(self, "flops_ratio", lambda v: 0 < v <= 1, "in (0, 1]: the fraction of FLOPs kept, e.g. 0.5")
         _require(self, "warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
+        _require(self, "imp_prune_rate", lambda v: 0 < v < 1, "in (0, 1): the fraction of the remaining weights "
+                 "pruned per IMP round, e.g. 0.2")
+        if self.bip_implicit_gradient not in ("code", "paper"):
+            raise ValueError(f"--bip_implicit_gradient={self.bip_implicit_gradient!r} is invalid: use 'code' (the BiP "
+                             "code's term) or 'paper' (the paper's Hessian-free form).")
+        for name in ("bip_ig_scale", "bip_gamma"):
+            _require(self, name, lambda v: v >= 0 and v == v and v != float("inf"), "a finite number >= 0")
         for name in ("pruner_batches", "synflow_iterations", "min_channels", "hypernet_hidden_size"):
             _require(self, name, lambda v: v > 0, "a positive integer")
         for name in ("target_modules", "exclude_modules"):

@@ -35,7 +35,7 @@ from .checkpointing import (
 )
 from .data import EpochShuffleSampler, load_image_dataset, make_dataloader
 from .label_mapping import distinct_predictions, frequency_label_mapping, is_degenerate
-from .methods import Method, Prune, Stage, display_name, get_method
+from .methods import Method, Prune, Stage, display_name, expand_plan, get_method
 from .metrics import load_metric
 from .modeling import PromptedSparseModel
 from .optim import (
@@ -157,7 +157,7 @@ class PruningRun:
                 else f"{self.model.sparsity.numel if self.model.sparsity else 0:,} prunable weights")
         self.log(f"{self.name}: {self.data.name} train/val/test = {len(self.data.train)}/"
                  f"{len(self.data.validation)}/{len(self.data.test)}, {self.data.num_labels} classes; {what}")
-        if any(isinstance(step, Prune) and step.rewind for step in self.method.plan):
+        if any(getattr(step, "rewind", False) for step in self.method.plan):  # OMP, IMP (`Rounds`)
             self._pretrained_state = {k: v.detach().clone() for k, v in self.model.model.state_dict().items()}
         s, bs = margs.input_size, dargs.per_device_train_batch_size
         workers = dargs.dataloader_num_workers
@@ -211,7 +211,18 @@ class PruningRun:
             self.state.setdefault("learning_rates", {})[f"{kind}/{lr_field}"] = lr
             return ({"params": params, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer}, schedule)
 
-        if kind == "search":
+        if kind == "bilevel":  # BiP: weights (lower level, ridge = bip_gamma) + scores (+ prompt), one optimiser
+            weights = [p for n, p in model.named_parameters()
+                       if p.requires_grad and not n.startswith("prompt.") and p is not model.sparsity.scores]
+            spec = [group(weights, "finetune_lr", None, pargs.finetune_optimizer, pargs.finetune_schedule,
+                          pargs.bip_gamma),
+                    group([model.sparsity.scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
+                          pargs.score_schedule, pargs.score_weight_decay)]
+            if prompt_params:
+                spec.append(group(prompt_params, "search_prompt_lr", SEARCH_PROMPT_LR_RULE,
+                                  pargs.search_prompt_optimizer, pargs.search_prompt_schedule,
+                                  pargs.score_weight_decay))
+        elif kind == "search":
             spec = [group([model.sparsity.scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
                           pargs.score_schedule, pargs.score_weight_decay)]
             if prompt_params:
@@ -238,6 +249,10 @@ class PruningRun:
         model = self.model
         if kind == "search":
             model.start_mask_search()
+        elif kind == "bilevel":  # BiP: scores and weights both train (the prompt when the run has one)
+            model.start_mask_search()
+            model.requires_grad_(True)
+            model.prompt.requires_grad_(self.prompt_on)
         elif kind == "structure_search":
             model.start_structure_search()
         else:
@@ -248,19 +263,27 @@ class PruningRun:
                 model.set_mask(torch.ones(model.sparsity.numel))
             model.start_finetuning(train_prompt=self.prompt_on)
 
+    def iterations_per_epoch(self, steps: str) -> int:
+        iters = len(self.loader_a if steps != "augmented" else self.loader_b)
+        iters = math.ceil(iters / self.accelerator.num_processes)
+        if self.run_args.max_steps_per_epoch:
+            iters = min(iters, self.run_args.max_steps_per_epoch)
+        return iters
+
     def train_stage(self, stage_idx: int, stage: Stage, resume_from: str | None) -> None:
         acc, pargs = self.accelerator, self.prune_args
         epochs = int(getattr(pargs, stage.epochs_field))
+        steps = stage.steps or self.steps
+        iters = self.iterations_per_epoch(steps)
+        if stage.iterations is not None:  # an IMP phase: its share of the epochs, in iterations
+            epochs = math.ceil(stage.iterations / iters)
         self._prepare_structure(stage.kind)
         if epochs <= 0:
             return
-        steps = stage.steps or self.steps
-        iters = len(self.loader_a if steps != "augmented" else self.loader_b)
-        iters = math.ceil(iters / acc.num_processes)
-        if self.run_args.max_steps_per_epoch:
-            iters = min(iters, self.run_args.max_steps_per_epoch)
-        per_iter = 2 if steps == "two" else 1
-        total = max(1, epochs * iters * per_iter)
+        budget = stage.iterations if stage.iterations is not None else epochs * iters
+        # A bilevel iteration steps each group once (weights on one view, scores on the other).
+        per_iter = 2 if steps == "two" and stage.kind != "bilevel" else 1
+        total = max(1, budget * per_iter)
         optimizer, schedules = self._param_groups(stage.kind, total)
         warmup = int(pargs.warmup_ratio * total)
         fns = [schedule_fn(s, total, warmup) for s in schedules]
@@ -277,16 +300,37 @@ class PruningRun:
             start_epoch = self.state["epoch"] + 1
             self.log(f"resumed {stage.kind} at epoch {start_epoch} from {resume_from}")
         images, t0 = 0, time.perf_counter()
+        if stage.kind == "bilevel":
+            from .methods.bilevel import bilevel_iteration
+
+            scores = self.model.sparsity.scores
+            params = dict(self.model.model.named_parameters())
+            pruned_weights = [params[layer.param_name] for layer in self.model.sparsity.layers]
+            upper_only = [scores] + (list(self.model.prompt.parameters()) if self.prompt_on else [])
+            ids = {id(p) for p in upper_only}
+            lower = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in ids]
         for epoch in range(start_epoch, epochs):
-            loader_a.set_epoch(epoch)
-            loader_b.set_epoch(epoch)
+            loader_a.set_epoch(stage.shuffle_offset + epoch)
+            loader_b.set_epoch(stage.shuffle_offset + epoch)
             model.train()
             views = {"two": (loader_a, loader_b), "prompted": (loader_a,), "augmented": (loader_b,)}[steps]
-            bar = tqdm(total=iters, desc=f"{stage.kind} {epoch + 1}/{epochs}", disable=not acc.is_local_main_process)
+            n_iters = min(iters, budget - epoch * iters)
+            bar = tqdm(total=n_iters, desc=f"{stage.kind} {epoch + 1}/{epochs}", disable=not acc.is_local_main_process)
             running = 0.0
             for i, batches in enumerate(zip(*views)):
-                if i >= iters:
+                if i >= n_iters:
                     break
+                if stage.kind == "bilevel":  # BiP: weight step on the augmented view, score step on the other
+                    losses = bilevel_iteration(
+                        model, optimizer, acc, batches[0], batches[1], scores=scores, weights=lower,
+                        pruned_weights=pruned_weights, upper_only=upper_only, form=pargs.bip_implicit_gradient,
+                        scale=pargs.bip_ig_scale, use_prompt=self.prompt_on)
+                    scheduler.step()
+                    running += sum(losses)
+                    images += sum(b["labels"].shape[0] for b in batches) * acc.num_processes
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running / ((i + 1) * len(views)):.3f}")
+                    continue
                 for view, batch in zip(views, batches):
                     use_prompt = self.prompt_on and view is loader_a
                     out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], use_prompt=use_prompt)
@@ -301,7 +345,7 @@ class PruningRun:
             bar.close()
             metrics = self.evaluate_split("validation")
             record = {"stage": stage_idx, "kind": stage.kind, "epoch": epoch,
-                      "train_loss": running / max(1, iters * len(views)), **metrics}
+                      "train_loss": running / max(1, n_iters * len(views)), **metrics}
             self.state["history"].append(record)
             acc.log({f"{stage.kind}/{k}": v for k, v in record.items() if isinstance(v, float)},
                     step=len(self.state["history"]))
@@ -383,9 +427,16 @@ class PruningRun:
         pargs = self.prune_args
         batches = self._first_batches(pargs.pruner_batches) if step.criterion in ("snip", "grasp") else []
         generator = torch.Generator().manual_seed(self.run_args.seed)
-        prune_once(self.model, step.criterion, self.sparsity, batches=batches,
-                   threshold=self.prune_args.threshold or self.method.threshold, generator=generator,
-                   synflow_iterations=pargs.synflow_iterations)
+        target = self.sparsity if step.sparsity is None else step.sparsity
+        mask = prune_once(self.model, step.criterion, target, batches=batches,
+                          threshold=self.prune_args.threshold or self.method.threshold, generator=generator,
+                          synflow_iterations=pargs.synflow_iterations)
+        if step.criterion == "kept_magnitude":  # an IMP round: recorded (restored with the state on resume)
+            rounds = self.state.setdefault("imp_rounds", [])
+            rounds.append({"round": len(rounds) + 1, "sparsity_target": target,
+                           "pruned_weights": int(mask.numel() - mask.sum())})
+            self.log(f"IMP round {len(rounds)}: {rounds[-1]['pruned_weights']:,} of {mask.numel():,} weights pruned "
+                     f"({100 * target:.2f}% target)")
         if step.rewind:  # OMP: the mask comes from the fine-tuned weights, training restarts from pretrained
             self.model.model.load_state_dict(self._pretrained_state)
 
@@ -456,7 +507,10 @@ class PruningRun:
         if "dense_pretrained" not in self.state:  # before any pruning step touches the model
             wanted = self.model_args.head == "pretrained" and self.run_args.dense_reference and self.run_args.eval_test
             self.state["dense_pretrained"] = self.dense_reference() if wanted else None
-        for idx, step in enumerate(self.method.plan):
+        # Iterative methods (IMP) unroll into plain steps here, so every round has its own index: a checkpoint's
+        # `stage` then names the round, and resume neither redoes nor skips one.
+        self.plan = expand_plan(self.method.plan, self.prune_args, self.sparsity, self.iterations_per_epoch(self.steps))
+        for idx, step in enumerate(self.plan):
             if resume and idx < self.state["stage"]:
                 continue
             if isinstance(step, Prune):
@@ -519,7 +573,8 @@ class PruningRun:
             "accuracy": final,
             "dense_pretrained_flm": self.state.get("dense_pretrained"),
             "epochs": {s.kind: int(getattr(self.prune_args, s.epochs_field))
-                       for s in self.method.plan if isinstance(s, Stage)},
+                       for s in self.method.plan if hasattr(s, "epochs_field")},
+            **({"imp_rounds": self.state["imp_rounds"]} if self.state.get("imp_rounds") else {}),
             "history": self.state["history"],
             "timings_s": timings,
             "wall_time_s": wall,

@@ -1,5 +1,5 @@
-"""The registry of unstructured pruning methods. A method is a plan: training stages and one-shot pruning steps,
-run by one shared loop (`prompt_sparsity.training`). Any method can be combined with the visual prompt by a
+"""The registry of unstructured pruning methods. A method is a plan: training stages and one-shot pruning steps
+(iterative pruning, `Rounds`, unrolls into both with `expand_plan`), run by one shared loop (`prompt_sparsity.training`). Any method can be combined with the visual prompt by a
 switch (`prompt_method`), as in the paper's "VPNs w. X" experiments."""
 
 from __future__ import annotations
@@ -10,11 +10,17 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Stage:
     """A training stage. `search`: scores + prompt trainable, weights frozen. `dense`: all weights + prompt
-    trainable with every weight kept. `finetune`: the mask is fixed, weights + prompt trainable."""
+    trainable with every weight kept. `finetune`: the mask is fixed, weights + prompt trainable. `bilevel` (BiP):
+    per iteration a weight step on one batch, then a score (+ prompt) step with the implicit gradient on another
+    (`prompt_sparsity.methods.bilevel`)."""
 
-    kind: str  # search | dense | finetune | structure_search
+    kind: str  # search | dense | finetune | structure_search | bilevel
     epochs_field: str  # the PruningArguments field that holds its number of epochs
     steps: str | None = None  # overrides the method's steps for this stage
+    # Set only by `expand_plan` (the phases of iterative pruning): the stage trains this many iterations in all
+    # (its share of `epochs_field`, possibly ending mid-epoch) on shuffles of its own (`shuffle_offset` + epoch).
+    iterations: int | None = None
+    shuffle_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,67 @@ class Prune:
 
     criterion: str
     rewind: bool = False
+    sparsity: float | None = None  # this step's target (an IMP round's); None: the run's sparsity
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Iterative pruning with rewinding (IMP / LTH), expanded into plain steps by `expand_plan` once the run knows
+    its iterations per epoch: round 0 trains the dense network; each round r = 1..R then prunes by `criterion`
+    (magnitude over the weights still kept: pruned weights stay pruned) to `num_pruned(1 - (1 - rate)^r, N)` weights,
+    the last one exactly to the target, rewinds to the pretrained weights and trains. R is the smallest number of
+    rounds whose sparsity reaches the target (rate 0.2, 90%: 1 - 0.8^10 = 89.3% < 90%, so 11). The R training
+    phases before the last prune share `epochs_field` epochs, split evenly in iterations; the training after the
+    last prune is the plan's next stage (the fine-tune)."""
+
+    criterion: str = "kept_magnitude"
+    rate_field: str = "imp_prune_rate"
+    epochs_field: str = "imp_epochs"
+    rewind: bool = True
+    steps: str | None = None
+    kind: str = "imp"
+
+
+def imp_schedule(target: float, rate: float) -> list[float]:
+    """The sparsity after each round: 1 - (1 - rate)^r for r < R, then exactly `target` (R = the smallest number of
+    rounds with 1 - (1 - rate)^R >= target; [] for a target of 0)."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"imp_prune_rate={rate}: the fraction of the remaining weights pruned per round must be in "
+                         "(0, 1), e.g. 0.2.")
+    if target <= 0:
+        return []
+    levels = []
+    while True:
+        # Rounded to 12 decimals: 1 - 0.8 is 0.19999999999999996 in floats, which would prune one weight too few.
+        level = round(1.0 - (1.0 - rate) ** (len(levels) + 1), 12)
+        if level >= target - 1e-12:
+            return levels + [float(target)]
+        levels.append(level)
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """`total` iterations in `parts` phases, as even as integers allow (the earlier phases never get more)."""
+    return [(total * (i + 1)) // parts - (total * i) // parts for i in range(parts)]
+
+
+def expand_plan(plan: tuple, prune_args, sparsity: float, iters_per_epoch: int) -> list:
+    """The method's plan with every `Rounds` step replaced by its stages and prune steps (see `Rounds`)."""
+    out = []
+    for step in plan:
+        if not isinstance(step, Rounds):
+            out.append(step)
+            continue
+        levels = imp_schedule(sparsity, float(getattr(prune_args, step.rate_field)))
+        total = int(getattr(prune_args, step.epochs_field)) * iters_per_epoch
+        phases = split_evenly(total, max(1, len(levels)))
+        for r, iterations in enumerate(phases):
+            # Round 0 is the dense network; after it, the weights pruned in the rounds so far stay masked.
+            kind = "dense" if r == 0 else "finetune"
+            out.append(Stage(kind, step.epochs_field, steps=step.steps, iterations=iterations,
+                             shuffle_offset=1000 * r))
+            if r < len(levels):
+                out.append(Prune(step.criterion, rewind=step.rewind, sparsity=levels[r]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -104,3 +171,16 @@ for _criterion, _display, _text in [
 ]:
     register_method(Method(_criterion, (Prune(_criterion), FINETUNE), structured=True, display_name=_display,
                            description=f"Channel pruning by {_text} at the FLOPs target, then fine-tune."))
+
+# Unstructured baselines added later (registered last: the existing order of --method choices is kept).
+register_method(
+    Method("imp", (Rounds(), FINETUNE), display_name="IMP",
+           description="Iterative magnitude pruning (LTH): prune 20% of the remaining weights per round, rewind to "
+                       "pretrained, retrain; the last round lands on the target, then fine-tune.")
+)
+BILEVEL = Stage("bilevel", "search_epochs", steps="two")
+register_method(
+    Method("bip", (BILEVEL, FINETUNE), display_name="BiP",
+           description="Bi-level pruning (BiP): alternating weight and score steps, the score step with the "
+                       "implicit-gradient correction, then the frozen mask fine-tuned.")
+)

@@ -5,7 +5,8 @@ Every criterion returns one flat float tensor of importances (length `model.spar
 the mask): **larger = keep**. `mask_from_importance` turns it into an exact 0/1 mask, `prune_once` does both and
 installs the mask with `model.set_mask`.
 
-All criteria score the **dense** pretrained network, whatever mask the model currently holds, and leave the model
+All criteria but `kept_magnitude` (IMP's: magnitude over the weights the current mask keeps) score the **dense**
+pretrained network, whatever mask the model currently holds, and leave the model
 exactly as they found it (weights, norm statistics, mask, `requires_grad` flags, `.grad`, train/eval modes): the
 wrapped model is called with `torch.func.functional_call` on detached copies of its parameters (and, in train mode,
 on clones of its buffers), so nothing of the model is written, and module modes are restored on exit.
@@ -156,6 +157,15 @@ def magnitude_importance(model) -> torch.Tensor:
     weights = _pruned_weights(model)
     device = weights[0].device
     return _flat(w.detach().abs().to(device) for w in weights)
+
+
+@torch.no_grad()
+def kept_magnitude_importance(model) -> torch.Tensor:
+    """|θ| of the weights the current mask keeps and -1 (below every magnitude) for the ones it prunes, so that a
+    selection that prunes at least as many weights as now prunes every pruned one again (IMP: pruned weights never
+    come back; the layer floors keep the largest kept weights, which the current mask already keeps)."""
+    importance = magnitude_importance(model)
+    return importance.masked_fill_(model.sparsity.mask().to(importance.device) == 0, -1.0)
 
 
 @torch.no_grad()
@@ -374,6 +384,7 @@ def mask_from_importance(model, importance: torch.Tensor, sparsity: float, thres
 # --------------------------------------------------------------------------------------------------- one shot
 PRUNERS = {
     "magnitude": magnitude_importance,
+    "kept_magnitude": kept_magnitude_importance,
     "random": random_importance,
     "snip": snip_importance,
     "grasp": grasp_importance,
@@ -382,6 +393,7 @@ PRUNERS = {
 DATA_DRIVEN = ("snip", "grasp")
 DEFAULT_THRESHOLD = {
     "magnitude": "global",
+    "kept_magnitude": "global",
     "random": "layerwise",  # uniform per-layer sparsity (VPNS.md §7)
     "snip": "global",
     "grasp": "global",
@@ -416,6 +428,9 @@ def prune_once(
         batches = _materialise(batches, criterion)
     if criterion == "magnitude":
         importance = magnitude_importance(model)
+    elif criterion == "kept_magnitude":
+        before = model.sparsity.mask().clone()
+        importance = kept_magnitude_importance(model)
     elif criterion == "random":
         importance = random_importance(model, generator=generator)
     elif criterion == "snip":
@@ -425,6 +440,9 @@ def prune_once(
     else:
         importance = synflow_importance(model, sparsity, iterations=synflow_iterations, threshold=threshold)
     mask = mask_from_importance(model, importance, sparsity, threshold)
+    if criterion == "kept_magnitude" and bool(((mask > 0) & (before.to(mask.device) == 0)).any()):
+        raise ValueError(f"kept_magnitude pruning to sparsity {sparsity} would restore pruned weights: the target "
+                         "must prune at least as many weights as the current mask does.")
     model.set_mask(mask)
     model.config.sparsity = sparsity
     model.sparsity.sparsity = sparsity
@@ -440,6 +458,7 @@ __all__ = [
     "PRUNERS",
     "grasp_hessian_gradient",
     "grasp_importance",
+    "kept_magnitude_importance",
     "magnitude_importance",
     "mask_from_importance",
     "prune_once",
