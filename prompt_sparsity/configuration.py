@@ -13,6 +13,7 @@ PROMPT_METHODS = ("pad", "fix", "random", "expand", "none")
 SPARSITY_TYPES = ("unstructured", "structured", "none")
 THRESHOLDS = ("global", "layerwise")
 MASK_FORMATS = ("scores", "packed")
+STRUCTURE_SEARCHES = ("hypernetwork", "scores")
 HEADS = ("pretrained", "new")
 
 
@@ -44,6 +45,8 @@ class PromptedSparseConfig(PreTrainedConfig):
         flops_ratio: the FLOPs budget as a fraction of the dense model's, in (0, 1].
         channel_selection: `global` (one threshold across units) or `uniform` (same keep ratio per unit).
         min_channels: channels every unit keeps at least. hypernet_*: the PASS hypernetwork's sizes/temperature.
+        structure_search: what searches the channel masks: `hypernetwork` (PASS) or `scores` (one trainable score per
+            channel, VPNs with channel scores; `prompt_sparsity.sparsity.channel_scores`).
         channel_units: `[[unit name, channels], ...]` of the dense base, recorded at wrap time.
         channel_widths: `{unit name: kept channels}` once the model is compacted; `from_pretrained` rebuilds
             this compact architecture from the base config before loading weights.
@@ -85,6 +88,7 @@ class PromptedSparseConfig(PreTrainedConfig):
     hypernet_stat_dim: int = 64
     hypernet_temperature: float = 0.4
     flops_penalty: float = 0.0
+    structure_search: str = "hypernetwork"
     channel_units: list | None = None
     channel_widths: dict | None = None
     dense_flops: float | None = None
@@ -153,6 +157,10 @@ class PromptedSparseConfig(PreTrainedConfig):
             bad(f"min_layer_density={self.min_layer_density!r} must be in [0, 1] (0 allows a layer to lose every "
                 "weight).")
         choice("channel_selection", ("global", "uniform"))
+        choice("structure_search", STRUCTURE_SEARCHES)
+        if self.structure_search == "scores" and self.flops_penalty:
+            bad(f"flops_penalty={self.flops_penalty!r} acts on the PASS hypernetwork's keep probabilities; with "
+                "structure_search='scores' every hard mask meets the FLOPs budget by construction: use flops_penalty=0.")
         if isinstance(self.flops_ratio, bool) or not isinstance(self.flops_ratio, (int, float)) or not (
             0.0 < float(self.flops_ratio) <= 1.0
         ):

@@ -144,7 +144,7 @@ class PruningRun:
                 sparsity_type="structured" if self.method.structured else "unstructured",
                 flops_ratio=pargs.flops_ratio, channel_selection=pargs.channel_selection,
                 min_channels=pargs.min_channels, hypernet_hidden_size=pargs.hypernet_hidden_size,
-                flops_penalty=pargs.flops_penalty,
+                flops_penalty=pargs.flops_penalty, structure_search=self.structure_search(),
                 target_modules=pargs.target_modules, exclude_modules=pargs.exclude_modules,
                 min_layer_density=pargs.min_layer_density, prompt_method=self.prompt_method, input_size=margs.input_size,
                 output_size=margs.output_size or margs.input_size, pad_size=margs.pad_size,
@@ -172,6 +172,12 @@ class PruningRun:
                                 shuffle=False, num_workers=workers))
             for split in ("validation", "test")
         }
+
+    def structure_search(self) -> str:
+        """A structured method that prunes by `Prune("channel_scores")` searches per-channel scores (VPNs with
+        channel scores); the others carry PASS's hypernetwork."""
+        by_scores = any(isinstance(s, Prune) and s.criterion == "channel_scores" for s in self.method.plan)
+        return "scores" if by_scores else "hypernetwork"
 
     def checkpoint_dir(self, stage: int, epoch: int) -> str:
         return os.path.join(self.output_dir, "checkpoints", f"stage{stage}-epoch{epoch}")
@@ -208,8 +214,9 @@ class PruningRun:
             self.state.setdefault("learning_rates", {})[f"{kind}/{lr_field}"] = lr
             return ({"params": params, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer}, schedule)
 
-        if kind == "search":
-            spec = [group([model.sparsity.scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
+        if kind == "search":  # the mask scores: of the weights, or of the channels (structure_search="scores")
+            scores = model.sparsity.scores if model.sparsity is not None else model.structure.channel_scores.scores
+            spec = [group([scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
                           pargs.score_schedule, pargs.score_weight_decay)]
             if prompt_params:
                 spec.append(group(prompt_params, "search_prompt_lr", SEARCH_PROMPT_LR_RULE,
@@ -387,8 +394,8 @@ class PruningRun:
             self.model.model.load_state_dict(self._pretrained_state)
 
     def prune_channels(self, step: Prune) -> None:
-        """Structured: channel masks at the FLOPs target (from the PASS hypernetwork or a baseline criterion),
-        then physical compaction."""
+        """Structured: channel masks at the FLOPs target (from the PASS hypernetwork, the channel scores or a
+        baseline criterion), then physical compaction."""
         from .methods.channel_pruners import channel_importance, normalise_per_unit
         from .sparsity.flops import count_parameters
         from .sparsity.selection import select_global, select_uniform
@@ -398,7 +405,7 @@ class PruningRun:
         if step.criterion == "transferred_structure":
             self.apply_transfer()
             masks = None
-        elif step.criterion == "hypernetwork":
+        elif step.criterion in ("hypernetwork", "channel_scores"):  # the masks the search found (PASS, VPNs)
             masks = model.channel_masks()
         else:
             units, criterion = model.structure.units, step.criterion.replace("random_channels", "random")
