@@ -218,3 +218,13 @@ def test_recipe_end_to_end_and_exact_resume_of_the_search(base_dir, tmp_path, ca
     for key in a:  # the final scores too: 8 search steps in both runs, the first 4 restored from the checkpoint
         assert torch.equal(a[key], b[key]), key
     assert json.load(open(resumed / "results.json"))["history"] == results["history"]
+
+
+def test_transfer_of_a_channel_scores_subnetwork_has_no_hypernetwork_to_adapt():
+    from prompt_sparsity.transfer import TransferArguments, transfer_plan
+
+    config = PromptedSparseConfig(sparsity_type="structured", structure_search="scores", channel_widths={"a": 1})
+    assert [getattr(s, "criterion", None) for s in transfer_plan(config, TransferArguments(subnetwork="x")).plan][0] \
+        == "transferred_structure"
+    with pytest.raises(ValueError, match="no hypernetwork to adapt"):
+        transfer_plan(config, TransferArguments(subnetwork="x", adapt_hypernetwork=True))
