@@ -54,9 +54,10 @@ def test_initial_scores_give_the_l1_baseline_mask(arch):
     assert all(torch.equal(a, b) for a, b in zip(model.channel_masks(), reference))
 
 
-def test_scores_learn_and_every_step_meets_the_flops_target():
+@pytest.mark.parametrize("arch", ["resnet_bottleneck", "timm_efficientnet"])
+def test_scores_learn_and_every_step_meets_the_flops_target(arch):
     torch.manual_seed(0)
-    model = wrap("resnet_bottleneck", flops_ratio=0.5, min_channels=2)
+    model = wrap(arch, flops_ratio=0.5, min_channels=2)
     model.start_mask_search()  # the VPNs search entry point trains the channel scores here
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"structure.channel_scores.scores"} | {n for n, _ in model.prompt.named_parameters(prefix="prompt")}
@@ -96,6 +97,36 @@ def test_forward_uses_the_straight_through_hard_mask():
     with torch.no_grad():
         torch.testing.assert_close(model(pixels()).logits, masked, atol=1e-4, rtol=1e-4)
     assert measure_flops(model.model, S) <= 0.52 * model.config.dense_flops
+
+
+@pytest.mark.parametrize("arch", ["resnet_basic", "resnet_bottleneck", "convnext", "mobilenet_v2", "timm_efficientnet"])
+@pytest.mark.parametrize("training", [False, True])
+def test_masking_the_last_point_only_is_exact(arch, training):
+    """The search masks each unit at its last mask point only (gate_units): the same function as masking every
+    point (= the compact model), in eval and in train mode (batch statistics)."""
+    from prompt_sparsity.sparsity.channel_scores import gate_units
+    from prompt_sparsity.sparsity.channels import ChannelMasker
+
+    model = wrap(arch)
+    units = model.structure.units
+    gated = gate_units(units)
+    assert any(len(u.mask_points) > 1 for u in units) == (arch in ("mobilenet_v2", "timm_efficientnet"))
+    assert all(len(g.mask_points) == 1 and g.mask_points[0] == u.mask_points[-1] for g, u in zip(gated, units))
+    g = torch.Generator().manual_seed(5)
+    masks = [(torch.rand(u.num_channels, generator=g) < 0.5).float() for u in units]
+    for m in masks:
+        m[0] = 1.0
+    x = pixels(4)
+    base = model.model.train(training)
+    outs = []
+    for which in (units, gated):
+        masker = ChannelMasker(base, which)
+        masker.set_masks(masks)
+        torch.manual_seed(0)  # the same dropout draws in train mode (MobileNetV2's classifier)
+        with torch.no_grad(), masker:
+            outs.append(base(x).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert model.structure.masker(base).units == gated  # what the search uses
 
 
 def test_uniform_selection_with_scores():

@@ -79,7 +79,12 @@ class ChannelSparsity(nn.Module):
 
     def masker(self, base_model: nn.Module) -> ChannelMasker:
         if self._masker is None:
-            self._masker = ChannelMasker(base_model, self._units)
+            units = self._units
+            if self.channel_scores is not None:  # the scores' gradient needs the real activations upstream
+                from .channel_scores import gate_units
+
+                units = gate_units(units)
+            self._masker = ChannelMasker(base_model, units)
         return self._masker
 
     def channel_masks(self, base_model: nn.Module, prompt_tensor: torch.Tensor, *, hard_only: bool = False):
