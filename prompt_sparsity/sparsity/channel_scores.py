@@ -19,8 +19,9 @@ compacted and fine-tuned through the structured path PASS uses (`config.structur
   the first-order estimate of turning it on (or off), as HYDRA's ``w * g`` is for a weight. Masking every point
   (as the PASS masker does) zeroes a pruned channel before its depthwise conv, and its gradient then only sees the
   constant that the next norm's bias leaves in it. Measured on EfficientNet-Lite0 (benchmark protocol, 40 search
-  steps): with every point masked the search never changed the initial mask (0 of 8,960 channels flipped), the
-  scores of 99.7% of the pruned channels only fell.
+  steps, seed 7, default lr): with every point masked the search never changed the initial mask (0 of 8,960
+  channels flipped; 99.7% of the pruned channels' scores only fell); with the last point only it turned 1,178
+  channels on and 1,322 off.
 * **Initialisation** (:func:`initial_channel_scores`): ``s_c = ||W[c]||_1 / mean_c' ||W[c']||_1`` over the
   producer's output filters, per unit (every unit averages 1). The initial hard mask is therefore exactly the
   global L1-norm baseline's (``l1`` importance, ``normalise_per_unit("mean")``, ``select_global``): the search
