@@ -19,6 +19,12 @@ runs at the other seeds and is what the tables report (BN-scale with --methods).
 
     python benchmarks/structured_accuracy.py --quick     # ~5 min on 2 CPU cores: 50% FLOPs, 1 seed, tiny data
     python benchmarks/structured_accuracy.py --flops 0.5 # full mode at 50% FLOPs: 5 methods x (3 + 2) runs
+    python benchmarks/structured_accuracy.py --methods vpns_channels depgraph --output-dir ...  # VPNs with channel
+                                                         # scores (VPNS.md §8) vs DepGraph, same budget in passes
+
+VPNs with channel scores (`vpns_channels`: two-step prompted + augmented search of per-channel scores, one score
+per output channel, then compaction and fine-tuning) is selectable with --methods but not in the default list; its
+search epoch is two passes (PASS's one), so equal passes give it half as many search epochs.
 
 Writes structured_accuracy.json/.png/.md to benchmarks/results[/quick]; run folders (reused when rerun with the
 same settings) under outputs/benchmarks/structured_accuracy[-quick]/.
@@ -30,6 +36,14 @@ import time
 
 import common
 from common import DISPLAY, fmt_ms, human_count, markdown_table, mean_std
+
+from prompt_sparsity.methods import display_name
+
+# Selectable with --methods (not in the default lists): VPNs with channel scores. Named and coloured like the other
+# methods (common's tables hold the default ones).
+DISPLAY.setdefault("vpns_channels", display_name("vpns_channels"))
+common.COLOURS.setdefault("vpns_channels", "C6")
+PROMPTED = ("pass", "vpns_channels")  # methods with a prompt: reported and drawn with and without it
 
 NAME = "structured_accuracy"
 BASELINES = ("taylor", "depgraph", "l1", "random_channels", "bn_scale")
@@ -57,7 +71,7 @@ def latency_at(run_dir: str, size: int, threads: int) -> dict:
 
 
 def main(argv=None) -> int:
-    args = common.accuracy_arguments(NAME, __doc__, f"subset of pass {' '.join(BASELINES)}", "flops", "FLOPs targets as fractions of dense", argv)
+    args = common.accuracy_arguments(NAME, __doc__, f"subset of pass vpns_channels {' '.join(BASELINES)}", "flops", "FLOPs targets as fractions of dense", argv)
     cfg = common.accuracy_config(args, QUICK, FULL, "flops")
     started = time.perf_counter()
     out_dir, work_dir = common.setup(args, NAME)
@@ -196,11 +210,13 @@ def main(argv=None) -> int:
         ranked = sorted(at, key=lambda r: -headline(r)["mean"])
         best = ranked[0]
         line = f"At {100 * level:.0f}% FLOPs the most accurate is {DISPLAY[best['method']]} ({fmt_ms(headline(best))}%)"
-        ps = next((r for r in at if r["method"] == "pass"), None)
-        if ps is not None:
-            others = [r for r in ranked if r["method"] != "pass"]
-            line += (f"; PASS is {ranked.index(ps) + 1} of {len(ranked)} with {fmt_ms(ps['test_prompt'])}% with its "
-                     f"prompt ({fmt_ms(ps['test_no_prompt'])}% without)")
+        for prompted in PROMPTED:
+            ps = next((r for r in at if r["method"] == prompted), None)
+            if ps is None:
+                continue
+            others = [r for r in ranked if r["method"] not in PROMPTED]
+            line += (f"; {DISPLAY[prompted]} is {ranked.index(ps) + 1} of {len(ranked)} with "
+                     f"{fmt_ms(ps['test_prompt'])}% with its prompt ({fmt_ms(ps['test_no_prompt'])}% without)")
             if others:
                 o = others[0]
                 diff = headline(ps)["mean"] - headline(o)["mean"]
@@ -243,17 +259,17 @@ def main(argv=None) -> int:
     fig, (ax, bx) = common.figure(2, width=6.2, height=4.6)
     markers = dict(zip(list(cfg["methods"]), "o^sDvP*X"))
     for m in cfg["methods"]:
-        for prompt in ((True, False) if m == "pass" else (False,)):
+        for prompt in ((True, False) if m in PROMPTED else (False,)):
             key = "test_prompt" if prompt else "test_no_prompt"
             pts = sorted([(100 * r["flops_ratio"]["mean"], r[key]) for r in rows
                           if r["method"] == m and r[key]["mean"] is not None and r["flops_ratio"]["mean"]],
                          key=lambda t: t[0])
             if not pts:
                 continue
-            label = DISPLAY[m] + ((" + prompt" if prompt else " (no prompt)") if m == "pass" else "")
+            label = DISPLAY[m] + ((" + prompt" if prompt else " (no prompt)") if m in PROMPTED else "")
             ax.errorbar([x for x, _ in pts], [a["mean"] for _, a in pts], yerr=[a["std"] for _, a in pts],
-                        marker=markers[m], capsize=3, lw=2.2 if m == "pass" else 1.2,
-                        ls="-" if prompt or m != "pass" else "--", color=common.COLOURS.get(m), label=label)
+                        marker=markers[m], capsize=3, lw=2.2 if m in PROMPTED else 1.2,
+                        ls="-" if prompt or m not in PROMPTED else "--", color=common.COLOURS.get(m), label=label)
     if dense_row and dense_row["test_no_prompt"]["mean"] is not None:
         d = dense_row["test_no_prompt"]
         ax.errorbar([100], [d["mean"]], yerr=[d["std"]], marker="*", ms=12, color="k", capsize=3, ls="none",

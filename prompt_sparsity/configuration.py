@@ -13,6 +13,7 @@ PROMPT_METHODS = ("pad", "fix", "random", "expand", "none")
 SPARSITY_TYPES = ("unstructured", "structured", "none")
 THRESHOLDS = ("global", "layerwise")
 MASK_FORMATS = ("scores", "packed")
+STRUCTURE_SEARCHES = ("hypernetwork", "scores")
 HEADS = ("pretrained", "new")
 CHANNEL_DISCOVERY = ("auto", "rules", "depgraph")
 
@@ -55,6 +56,8 @@ class PromptedSparseConfig(PreTrainedConfig):
         channel_discovery: how channel units are found: `rules` (hand-written per-block rules), `depgraph`
             (Torch-Pruning's dependency graph, for models without a rule) or `auto` (rules, else depgraph; resolved
             and recorded at wrap time).
+        structure_search: what searches the channel masks: `hypernetwork` (PASS) or `scores` (one trainable score per
+            channel, VPNs with channel scores; `prompt_sparsity.sparsity.channel_scores`).
         channel_units: `[[unit name, channels], ...]` of the dense base, recorded at wrap time.
         channel_widths: `{unit name: kept channels}` once the model is compacted; `from_pretrained` rebuilds
             this compact architecture from the base config before loading weights.
@@ -98,6 +101,7 @@ class PromptedSparseConfig(PreTrainedConfig):
     hypernet_temperature: float = 0.4
     flops_penalty: float = 0.0
     channel_discovery: str = "auto"
+    structure_search: str = "hypernetwork"
     channel_units: list | None = None
     channel_widths: dict | None = None
     dense_flops: float | None = None
@@ -191,6 +195,10 @@ class PromptedSparseConfig(PreTrainedConfig):
                     f"that nm_pattern={self.nm_pattern!r} keeps in every layer; lower it to at most {n / m:g}.")
         choice("channel_selection", ("global", "uniform"))
         choice("channel_discovery", CHANNEL_DISCOVERY)
+        choice("structure_search", STRUCTURE_SEARCHES)
+        if self.structure_search == "scores" and self.flops_penalty:
+            bad(f"flops_penalty={self.flops_penalty!r} acts on the PASS hypernetwork's keep probabilities; with "
+                "structure_search='scores' every hard mask meets the FLOPs budget by construction: use flops_penalty=0.")
         if isinstance(self.flops_ratio, bool) or not isinstance(self.flops_ratio, (int, float)) or not (
             0.0 < float(self.flops_ratio) <= 1.0
         ):

@@ -21,6 +21,7 @@ from .configuration import IMAGENET_MEAN, IMAGENET_STD, PromptedSparseConfig
 from .label_mapping import find_classifier, fold_label_mapping, set_labels
 from .prompts import VisualPrompt
 from .sparsity.semi_structured import log_dense_layers
+from .sparsity.channel_scores import initial_channel_scores
 from .sparsity.structured import ChannelSparsity
 from .sparsity.unstructured import (
     COLLAPSE_WARNING_SPARSITY,
@@ -186,7 +187,13 @@ class PromptedSparsePreTrainedModel(PreTrainedModel):
         if isinstance(module, VisualPrompt):
             module.reset_parameters(hf_init.zeros_)
         elif isinstance(module, ChannelSparsity):
-            module.hypernetwork.reset_parameters()  # after its children's generic init: this one wins
+            if module.hypernetwork is not None:
+                module.hypernetwork.reset_parameters()  # after its children's generic init: this one wins
+            elif not module.compact:  # channel scores from the dense base's filter norms (channel_scores.py)
+                hf_init.copy_(module.channel_scores.scores,
+                              initial_channel_scores(self.model, module.units).to(module.channel_scores.scores))
+            else:  # a compact model's scores are a record of its search: they come from the checkpoint
+                hf_init.zeros_(module.channel_scores.scores)
             hf_init.zeros_(module.kept_indices)
         elif isinstance(module, UnstructuredMask):
             if module.frozen:
@@ -490,7 +497,10 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- stages
     def start_mask_search(self) -> None:
-        """Stage 1: train the scores and the prompt; the base weights are frozen (norm statistics still update)."""
+        """Stage 1: train the scores and the prompt; the base weights are frozen (norm statistics still update).
+        A structured model with channel scores (`structure_search="scores"`) trains those."""
+        if self.structure is not None and self.structure.channel_scores is not None:
+            return self.start_structure_search()
         if self.sparsity is None or self.sparsity.frozen:
             raise ValueError("mask search needs trainable scores (config.mask_format='scores').")
         self.requires_grad_(False)
@@ -506,7 +516,7 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         self.freeze_mask()
         self.requires_grad_(True)
         if self.structure is not None:
-            self.structure.hypernetwork.requires_grad_(False)
+            self.structure.search_module.requires_grad_(False)
         self.prompt.requires_grad_(train_prompt)
         self.train()
 
@@ -531,17 +541,18 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         self.config.mask_format = "packed"
 
     def start_structure_search(self) -> None:
-        """PASS search: train the hypernetwork and the prompt; the backbone is frozen."""
+        """PASS search: train the hypernetwork (or the channel scores) and the prompt; the backbone is frozen."""
         if self.structure is None or self.structure.compact:
             raise ValueError("structure search needs an uncompacted structured model (sparsity_type='structured').")
         self.requires_grad_(False)
-        self.structure.hypernetwork.requires_grad_(True)
+        self.structure.search_module.requires_grad_(True)
         self.prompt.requires_grad_(True)
         self.train()
 
     @torch.no_grad()
     def channel_masks(self) -> list[torch.Tensor]:
-        """The hard per-unit channel masks the hypernetwork emits now (evaluation mode, no noise)."""
+        """The hard per-unit channel masks the hypernetwork (or the channel scores) gives now (evaluation mode, no
+        noise)."""
         was_training = self.training
         self.eval()
         try:

@@ -147,6 +147,7 @@ class PruningRun:
                 flops_ratio=pargs.flops_ratio, channel_selection=pargs.channel_selection,
                 min_channels=pargs.min_channels, hypernet_hidden_size=pargs.hypernet_hidden_size,
                 flops_penalty=pargs.flops_penalty, channel_discovery=pargs.channel_discovery,
+                structure_search=self.structure_search(),
                 target_modules=pargs.target_modules, exclude_modules=pargs.exclude_modules,
                 min_layer_density=pargs.min_layer_density, prompt_method=self.prompt_method, input_size=margs.input_size,
                 nm_pattern=pargs.nm_pattern if self.method.sparse else None,
@@ -175,6 +176,12 @@ class PruningRun:
                                 shuffle=False, num_workers=workers))
             for split in ("validation", "test")
         }
+
+    def structure_search(self) -> str:
+        """A structured method that prunes by `Prune("channel_scores")` searches per-channel scores (VPNs with
+        channel scores); the others carry PASS's hypernetwork."""
+        by_scores = any(isinstance(s, Prune) and s.criterion == "channel_scores" for s in self.method.plan)
+        return "scores" if by_scores else "hypernetwork"
 
     def checkpoint_dir(self, stage: int, epoch: int) -> str:
         return os.path.join(self.output_dir, "checkpoints", f"stage{stage}-epoch{epoch}")
@@ -222,8 +229,9 @@ class PruningRun:
                 spec.append(group(prompt_params, "search_prompt_lr", SEARCH_PROMPT_LR_RULE,
                                   pargs.search_prompt_optimizer, pargs.search_prompt_schedule,
                                   pargs.score_weight_decay))
-        elif kind == "search":
-            spec = [group([model.sparsity.scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
+        elif kind == "search":  # the mask scores: of the weights, or of the channels (structure_search="scores")
+            scores = model.sparsity.scores if model.sparsity is not None else model.structure.channel_scores.scores
+            spec = [group([scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
                           pargs.score_schedule, pargs.score_weight_decay)]
             if prompt_params:
                 spec.append(group(prompt_params, "search_prompt_lr", SEARCH_PROMPT_LR_RULE,
@@ -441,8 +449,8 @@ class PruningRun:
             self.model.model.load_state_dict(self._pretrained_state)
 
     def prune_channels(self, step: Prune) -> None:
-        """Structured: channel masks at the FLOPs target (from the PASS hypernetwork or a baseline criterion),
-        then physical compaction."""
+        """Structured: channel masks at the FLOPs target (from the PASS hypernetwork, the channel scores or a
+        baseline criterion), then physical compaction."""
         from .methods.channel_pruners import channel_importance, normalise_per_unit
         from .sparsity.flops import count_parameters
         from .sparsity.selection import select_global, select_uniform
@@ -452,7 +460,7 @@ class PruningRun:
         if step.criterion == "transferred_structure":
             self.apply_transfer()
             masks = None
-        elif step.criterion == "hypernetwork":
+        elif step.criterion in ("hypernetwork", "channel_scores"):  # the masks the search found (PASS, VPNs)
             masks = model.channel_masks()
         else:
             units, criterion = model.structure.units, step.criterion.replace("random_channels", "random")

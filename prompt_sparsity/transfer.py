@@ -49,6 +49,10 @@ def transfer_plan(config: PromptedSparseConfig, args: TransferArguments) -> Meth
     steps = "two" if prompt != "none" else "augmented"
     if config.sparsity_type == "structured":
         if args.adapt_hypernetwork:
+            if getattr(config, "structure_search", "hypernetwork") != "hypernetwork":
+                raise ValueError("this subnetwork's channels were searched with per-channel scores "
+                                 "(structure_search='scores'), it has no hypernetwork to adapt: transfer its compact "
+                                 "structure (adapt_hypernetwork=False).")
             plan = (STRUCTURE_SEARCH, Prune("hypernetwork"), FINETUNE)
         else:
             if not config.channel_widths:

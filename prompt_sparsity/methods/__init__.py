@@ -162,6 +162,14 @@ register_method(
            structured=True,
            description="Prompt-conditioned LSTM hypernetwork emits channel masks under a FLOPs budget (PASS).")
 )
+# VPNs with channel scores (VPNS.md §8): the VPNs search (scores + prompt, two-step, weights frozen) on one score per
+# channel under the FLOPs budget (sparsity/channel_scores.py), then the structured compaction and fine-tuning.
+register_method(
+    Method("vpns_channels", (SEARCH, Prune("channel_scores"), FINETUNE), prompt_method="pad", steps="two",
+           display_name="VPNs (channels)", structured=True,
+           description="Visual prompt + per-channel scores searched jointly under a FLOPs budget, then the compact "
+                       "model + prompt tuned (VPNs, structured).")
+)
 for _criterion, _display, _text in [
     ("l1", "L1-norm", "L1 norm of filters"),
     ("taylor", "Taylor", "first-order Taylor |dL/dm| of channel masks"),

@@ -20,8 +20,9 @@ from .flops import FlopsModel
 
 
 class ChannelSparsity(nn.Module):
-    """Holds the PASS hypernetwork (`hypernetwork`) and, after compaction, the kept channel indices of every unit
-    (`kept_indices`, concatenated in unit order; `config.channel_widths` gives each unit's count)."""
+    """Holds the PASS hypernetwork (`hypernetwork`) or, with `config.structure_search="scores"`, one score per
+    channel (`channel_scores`, VPNs with channel scores) and, after compaction, the kept channel indices of every
+    unit (`kept_indices`, concatenated in unit order; `config.channel_widths` gives each unit's count)."""
 
     def __init__(self, config, base_model: nn.Module):
         super().__init__()
@@ -43,13 +44,20 @@ class ChannelSparsity(nn.Module):
         from .hypernetwork import PromptHyperNetwork
 
         self.unit_sizes = [c for _, c in found]
-        self.hypernetwork = PromptHyperNetwork(
-            self.unit_sizes,
-            prompt_channels=config.num_channels,
-            hidden_size=config.hypernet_hidden_size,
-            stat_dim=config.hypernet_stat_dim,
-            temperature=config.hypernet_temperature,
-        )
+        # What searches the masks: PASS's hypernetwork, or one score per channel (VPNs with channel scores).
+        self.hypernetwork = self.channel_scores = None
+        if config.structure_search == "scores":
+            from .channel_scores import ChannelScores
+
+            self.channel_scores = ChannelScores(self.unit_sizes)
+        else:
+            self.hypernetwork = PromptHyperNetwork(
+                self.unit_sizes,
+                prompt_channels=config.num_channels,
+                hidden_size=config.hypernet_hidden_size,
+                stat_dim=config.hypernet_stat_dim,
+                temperature=config.hypernet_temperature,
+            )
         widths = config.channel_widths
         total = sum(widths.values()) if widths else 0
         self.register_buffer("kept_indices", torch.zeros(total, dtype=torch.int32))
@@ -69,6 +77,11 @@ class ChannelSparsity(nn.Module):
     def compact(self) -> bool:
         return bool(self.config.channel_widths)
 
+    @property
+    def search_module(self) -> nn.Module:
+        """The module the structure search trains: the hypernetwork, or the channel scores."""
+        return self.hypernetwork if self.hypernetwork is not None else self.channel_scores
+
     def flops_model(self, base_model: nn.Module) -> FlopsModel:
         """Per-layer geometry recorded once, on the dense base at the canvas size the backbone sees."""
         if self._flops is None:
@@ -77,15 +90,25 @@ class ChannelSparsity(nn.Module):
 
     def masker(self, base_model: nn.Module) -> ChannelMasker:
         if self._masker is None:
-            self._masker = ChannelMasker(base_model, self._units)
+            units = self._units
+            if self.channel_scores is not None:  # the scores' gradient needs the real activations upstream
+                from .channel_scores import gate_units
+
+                units = gate_units(units)
+            self._masker = ChannelMasker(base_model, units)
         return self._masker
 
     def channel_masks(self, base_model: nn.Module, prompt_tensor: torch.Tensor, *, hard_only: bool = False):
         """Hypernetwork -> per-unit probabilities -> FLOPs-targeted hard masks (straight-through to the probs).
-        Returns (masks, probs)."""
+        Returns (masks, probs); with channel scores, (masks straight-through to the scores, None)."""
         from .hypernetwork import weight_statistics
         from .selection import select_global, select_uniform, straight_through
 
+        if self.channel_scores is not None:
+            masks = self.channel_scores.masks(self.flops_model(base_model), self.config.flops_ratio,
+                                              selection=self.config.channel_selection,
+                                              min_channels=self.config.min_channels, hard_only=hard_only)
+            return masks, None
         stats = weight_statistics(base_model, self._units)
         probs = self.hypernetwork(prompt_tensor, stats, noise=False)
         select = select_global if self.config.channel_selection == "global" else select_uniform
