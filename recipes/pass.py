@@ -4,9 +4,10 @@
     accelerate launch recipes/pass.py                                   # offline EfficientNet-Lite0, 50% FLOPs
     accelerate launch recipes/pass.py --method l1 --flops_ratio 0.3     # l1, taylor, bn_scale, random_channels,
                                                                         # depgraph; --channel_selection uniform
+    accelerate launch recipes/pass.py --method vpns_channels            # VPNs with one score per channel
     accelerate launch recipes/pass.py --model_name_or_path microsoft/resnet-18 --dataset_name uoft-cs/cifar100
 
-Search (hypernetwork + prompt, backbone frozen) -> physical compaction -> fine-tuning with the prompt; results.json
+Search (hypernetwork, or channel scores for vpns_channels, + prompt, backbone frozen) -> physical compaction -> fine-tuning with the prompt; results.json
 adds FLOPs, parameters and measured latency of the compact vs the dense model.
 """
 
