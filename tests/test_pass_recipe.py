@@ -89,9 +89,10 @@ def test_transfer_compact_structure_and_hypernetwork(base_dir, tmp_path):
     assert results["flops_ratio"] <= 0.52
 
 
-def test_pass_two_processes_same_structure(base_dir, tmp_path):
+@pytest.mark.parametrize("method", ["pass", "vpns_channels"])
+def test_pass_two_processes_same_structure(base_dir, tmp_path, method):
     _, results = launch_two_cpu_processes("pass.py", base_dir, tmp_path / "ddp", "--input_size", "32",
-                                          "--latency_batch_sizes", "1")
+                                          "--latency_batch_sizes", "1", "--method", method)
     assert results["world_size"] == 2 and results["masks_identical_across_ranks"] is True
 
 
