@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..sparsity.channels import ChannelMasker, ChannelUnit
+from ..sparsity.depgraph_units import output_logits
 from ..sparsity.selection import select_global, select_uniform
 
 __all__ = [
@@ -123,19 +124,6 @@ def taylor_importance(model: nn.Module, units: Sequence[ChannelUnit], batches: I
     return [t / n for t in total]
 
 
-def _logits(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    raise TypeError(f"depgraph_importance: cannot find the logits in a {type(output).__name__} output")
-
-
 def depgraph_importance(model: nn.Module, units: Sequence[ChannelUnit], example_inputs) -> list[torch.Tensor]:
     """DepGraph's group-norm importance, through ``torch_pruning`` (``tp.importance.GroupMagnitudeImportance(p=2)``).
 
@@ -156,7 +144,7 @@ def depgraph_importance(model: nn.Module, units: Sequence[ChannelUnit], example_
             p.requires_grad_(True)
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                          output_transform=_logits, verbose=False)
+                                                          output_transform=output_logits, verbose=False)
         scorer = tp.importance.GroupMagnitudeImportance(p=2)
         out = []
         for u in units:

@@ -78,7 +78,9 @@ def _spatial_mean(grad_fn) -> bool:
     return bool(dims) and dims <= {2, 3}
 
 
-def _logits(output):
+def output_logits(output):
+    """The logits tensor of a model output (a tensor, a ModelOutput, a dict or a tuple): Torch-Pruning's trace
+    (`output_transform`) needs one tensor."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -86,7 +88,9 @@ def _logits(output):
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"find_depgraph_units: cannot find the logits in a {type(output).__name__} output")
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    raise TypeError(f"cannot find the logits in a {type(output).__name__} output to trace the dependency graph")
 
 
 def _example_input(model: nn.Module, input_size, num_channels: int) -> torch.Tensor:
@@ -132,7 +136,7 @@ def analyse_depgraph(model: nn.Module, input_size=224, num_channels: int = 3):
         for p, _ in flags:
             p.requires_grad_(True)  # torch-pruning traces through autograd
         with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, output_transform=_logits,
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, output_transform=output_logits,
                                                        verbose=False)
     finally:
         for p, flag in flags:
