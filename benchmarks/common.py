@@ -286,14 +286,45 @@ def fixed_dataset(work_dir: Path, *, train: int, validation: int, test: int | No
 
 
 # --------------------------------------------------------------------------------------------- runs
-def stage_passes(method_name: str, steps: str | None = None) -> list[tuple[str, int]]:
+# The tuning recipes every method can be run with (`methods.with_tuning`): its own (the paper's), and the shared
+# recipe (two-step tuning: half the batches un-augmented at test scale) without and with the visual prompt.
+TUNINGS = {"paper": {}, "two_step": {"finetune_steps": "two", "prompt_method": "none"},
+           "two_step_prompt": {"finetune_steps": "two", "prompt_method": "pad"}}
+TUNING_DISPLAY = {"paper": "own (paper) recipe", "two_step": "two-step tuning, no prompt",
+                  "two_step_prompt": "two-step tuning + prompt"}
+
+
+def split_method(spec: str) -> tuple[str, str | None]:
+    """'vpns:snip' -> ('vpns', 'snip'): a benchmark method with a score init other than the default."""
+    name, _, init = spec.partition(":")
+    return name, (init or None)
+
+
+def method_label(spec: str) -> str:
+    name, init = split_method(spec)
+    return DISPLAY.get(name, name) + (f" ({DISPLAY.get(init, init)} init)" if init else "")
+
+
+def tuned_method(method_name: str, tuning: str = "paper"):
+    """The registered method with the benchmark tuning recipe applied (`methods.with_tuning`)."""
+    from prompt_sparsity.methods import get_method, with_tuning
+
+    return with_tuning(get_method(split_method(method_name)[0]), **TUNINGS[tuning])
+
+
+def canonical_tuning(method_name: str, tuning: str) -> str:
+    """'paper' when the recipe is the method's own (VPNs' own recipe is two-step + prompt), so runs are shared."""
+    return "paper" if tuned_method(method_name, tuning) is tuned_method(method_name) else tuning
+
+
+def stage_passes(method_name: str, steps: str | None = None, tuning: str = "paper") -> list[tuple[str, int]]:
     """[(epochs field, passes over the training set per epoch)] for each training stage of a method: a two-step
     (prompted + augmented) epoch is two passes (VPNS.md §7), and so is a BiP (bilevel) epoch, whose iterations take
     one batch for the weight step and one for the score step. IMP's rounds (`Rounds`) count as one stage: they share
     their epochs field."""
-    from prompt_sparsity.methods import Rounds, Stage, get_method
+    from prompt_sparsity.methods import Rounds, Stage
 
-    method = get_method(method_name)
+    method = tuned_method(method_name, tuning)
     out = []
     for stage in method.plan:
         if isinstance(stage, (Stage, Rounds)):
@@ -302,12 +333,13 @@ def stage_passes(method_name: str, steps: str | None = None) -> list[tuple[str, 
     return out
 
 
-def equal_budget_epochs(method_name: str, passes: int, search_share: float | None = None) -> dict[str, int]:
+def equal_budget_epochs(method_name: str, passes: int, search_share: float | None = None,
+                        tuning: str = "paper") -> dict[str, int]:
     """Epochs per stage so that the method makes `passes` passes over the training data in all, split equally
     between its stages (VPNs 30 + 30 two-pass epochs = HYDRA 60 + 60 = 120 passes; OMP dense + fine-tune; one-shot
     pruners put everything into fine-tuning). `search_share` gives a search stage (VPNs, HYDRA, PASS) that fraction
     of the passes instead, the rest to the other stage (an ablation of how a search method spends its budget)."""
-    stages = stage_passes(method_name)
+    stages = stage_passes(method_name, tuning=tuning)
     searching = [f for f, _ in stages if f == "search_epochs"]
     epochs = {}
     for field, per_epoch in stages:
@@ -380,20 +412,27 @@ def progress(msg: str) -> None:
 
 def accuracy_run_args(*, dataset: str, input_size: int, batch_size: int, method: str, seed: int, passes: int,
                       threads: int, workers: int = 1, lr_scale: float = 1.0, train: int | None = None,
-                      dense_reference: bool = True, search_share: float | None = None, **prune_kwargs):
+                      dense_reference: bool = True, search_share: float | None = None, tuning: str = "paper",
+                      **prune_kwargs):
     """The four argument groups of one accuracy run: library defaults (lr, optimisers, prompt, FLM head) except
-    the data (the fixed on-disk subset, used whole), the image size, the equal pass budget and no checkpoints;
-    `lr_scale` multiplies every learning rate (needs `train`, the number of training images, for 'auto')."""
+    the data (the fixed on-disk subset, used whole), the image size, the equal pass budget, the tuning recipe
+    (`TUNINGS`) and no checkpoints; `lr_scale` multiplies every learning rate ('auto' ones once resolved).
+    `method` may carry a score init ('vpns:snip')."""
     from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
 
-    model = ModelArguments(model_name_or_path="efficientnet-lite0", input_size=input_size)
+    spec, (method, init) = method, split_method(method)
+    recipe = dict(TUNINGS[tuning])
+    model = ModelArguments(model_name_or_path="efficientnet-lite0", input_size=input_size,
+                           prompt_method=recipe.pop("prompt_method", None))
     data = DataArguments(dataset_name=dataset, max_train_samples=None, max_eval_samples=None,
                          per_device_train_batch_size=batch_size, per_device_eval_batch_size=128,
                          dataloader_num_workers=workers)
     if lr_scale != 1.0:
-        prune_kwargs = {**prune_kwargs, **scaled_learning_rates(method, lr_scale, passes, train, batch_size,
-                                                                base=prune_kwargs, search_share=search_share)}
-    prune = PruningArguments(method=method, **equal_budget_epochs(method, passes, search_share), **prune_kwargs)
+        prune_kwargs = {**prune_kwargs, "lr_scale": lr_scale}
+    if init:
+        prune_kwargs = {**prune_kwargs, "score_init": init}
+    prune = PruningArguments(method=method, **equal_budget_epochs(spec, passes, search_share, tuning), **recipe,
+                             **prune_kwargs)
     run = RunArguments(seed=seed, checkpointing=False, torch_threads=threads, cpu=True,
                        dense_reference=dense_reference)
     return model, data, prune, run
@@ -402,53 +441,6 @@ def accuracy_run_args(*, dataset: str, input_size: int, batch_size: int, method:
 # --------------------------------------------------------------------------------------------- lr selection
 LR_FIELDS = ("score_lr", "search_prompt_lr", "hypernet_lr", "structure_prompt_lr", "finetune_lr",
              "finetune_prompt_lr")
-
-
-def stage_steps(method_name: str, epochs: dict[str, int], train: int, batch_size: int) -> dict[str, int]:
-    """Optimiser steps of each stage kind of a method, as the training loop counts them (one process; a bilevel
-    iteration is one step of each group; IMP's rounds together, under "imp")."""
-    from prompt_sparsity.methods import Rounds, Stage, get_method
-
-    method = get_method(method_name)
-    iters = math.ceil(train / batch_size)
-    out = {}
-    for stage in method.plan:
-        if isinstance(stage, (Stage, Rounds)):
-            steps = stage.steps or method.steps
-            per = 2 if steps == "two" and stage.kind != "bilevel" else 1
-            out[stage.kind] = out.get(stage.kind, 0) + epochs[stage.epochs_field] * iters * per
-    return out
-
-
-def scaled_learning_rates(method_name: str, scale: float, passes: int, train: int, batch_size: int,
-                          base: dict[str, Any] | None = None, search_share: float | None = None) -> dict[str, Any]:
-    """Every learning rate of a method's stages times `scale` ('auto' resolved at the stage's step count first).
-    Scale 1 returns {} (the library defaults, 'auto' included). `base` overrides the defaults before scaling."""
-    import dataclasses as dc
-
-    from prompt_sparsity import optim
-    from prompt_sparsity.arguments import PruningArguments
-
-    if scale == 1.0:
-        return {}
-    defaults = {f.name: f.default for f in dc.fields(PruningArguments) if f.name in LR_FIELDS}
-    defaults.update({k: v for k, v in (base or {}).items() if k in LR_FIELDS})
-    steps = stage_steps(method_name, equal_budget_epochs(method_name, passes, search_share), train, batch_size)
-    # BiP's bilevel stage resolves the score and prompt rules as the search stage does (`training._param_groups`).
-    rules = {"score_lr": (("search", "bilevel"), optim.SCORE_LR_RULE),
-             "search_prompt_lr": (("search", "bilevel"), optim.SEARCH_PROMPT_LR_RULE),
-             "hypernet_lr": (("structure_search",), optim.HYPERNET_LR_RULE),
-             "structure_prompt_lr": (("structure_search",), optim.STRUCTURE_PROMPT_LR_RULE)}
-    out = {}
-    for field, value in defaults.items():
-        if field in rules:
-            kinds, rule = rules[field]
-            kind = next((k for k in kinds if k in steps), None)
-            if kind is None:
-                continue  # the method has no such stage: leave the default
-            value = optim.resolve_lr(value, rule, steps[kind], field)
-        out[field] = float(f"{float(value) * scale:.4g}")
-    return out
 
 
 def headline_val(results: dict[str, Any]) -> float | None:
@@ -464,23 +456,28 @@ def run_lr_selected(jobs: Sequence[dict[str, Any]], work_dir: Path, make_args: C
     seeds run at it. Returns (all runs, selection {"method@level": {"scales": {scale: val}, "selected": s}}).
     `make_args(method, level, seed, lr_scale)`."""
     seeds = list(dict.fromkeys(j["seed"] for j in jobs))
-    pairs = list(dict.fromkeys((j["method"], j["level"]) for j in jobs))
-    first = [{"method": m, "level": lv, "seed": seeds[0], "lr_scale": sc}
-             for m, lv in pairs for sc in (scales if m not in no_grid else (1.0,))]
+    # One selection per configuration: the job's keys but the seed (method, level and e.g. the tuning recipe).
+    configs = list(dict.fromkeys(tuple((k, v) for k, v in j.items() if k != "seed") for j in jobs))
+
+    def key(cfg) -> str:
+        return "@".join(str(v) for _, v in cfg)
+
+    def of(run) -> str:
+        return key(tuple((k, v) for k, v in run["job"].items() if k not in ("seed", "lr_scale")))
+
+    first = [{**dict(c), "seed": seeds[0], "lr_scale": sc}
+             for c in configs for sc in (scales if dict(c)["method"] not in no_grid else (1.0,))]
     runs = run_grid(first, work_dir, make_args, fresh=fresh)
     selection = {}
-    for m, lv in pairs:
-        tried = {r["job"]["lr_scale"]: headline_val(r) for r in runs
-                 if r["job"]["method"] == m and r["job"]["level"] == lv and "error" not in r}
+    for c in configs:
+        tried = {r["job"]["lr_scale"]: headline_val(r) for r in runs if of(r) == key(c) and "error" not in r}
         ok = {sc: v for sc, v in tried.items() if v is not None}
         best = max(ok, key=lambda sc: (ok[sc], -abs(math.log(sc)))) if ok else 1.0
-        selection[f"{m}@{lv}"] = {"method": m, "level": lv, "scales": tried, "selected": best}
-    rest = [{"method": m, "level": lv, "seed": seed, "lr_scale": selection[f"{m}@{lv}"]["selected"]}
-            for m, lv in pairs for seed in seeds[1:]]
+        selection[key(c)] = {**dict(c), "scales": tried, "selected": best}
+    rest = [{**dict(c), "seed": seed, "lr_scale": selection[key(c)]["selected"]} for c in configs for seed in seeds[1:]]
     runs += run_grid(rest, work_dir, make_args, fresh=fresh)
     for r in runs:
-        sel = selection[f"{r['job']['method']}@{r['job']['level']}"]["selected"]
-        r["selected"] = r["job"]["lr_scale"] == sel
+        r["selected"] = r["job"]["lr_scale"] == selection[of(r)]["selected"]
     return runs, selection
 
 
@@ -492,7 +489,9 @@ def lr_selection_text(selection: dict, display: dict) -> list[str]:
         for sc, v in sorted(sel["scales"].items()):
             cell = f"{sc:g}x: {'–' if v is None else f'{v:.1f}'}"
             parts.append(f"**{cell}**" if sc == sel["selected"] else cell)
-        lines.append(f"{display.get(sel['method'], sel['method'])} @ {sel['level']:g}: " + ", ".join(parts))
+        tuning = f", {TUNING_DISPLAY[sel['tuning']]}" if "tuning" in sel else ""
+        lines.append(f"{display.get(sel['method']) or method_label(sel['method'])} @ {sel['level']:g}"
+                     f"{tuning}: " + ", ".join(parts))
     return lines
 
 
@@ -532,12 +531,13 @@ def compact_summary(results: dict[str, Any]) -> dict[str, Any]:
     return {k: results[k] for k in keep if k in results}
 
 
-def epochs_text(methods: Sequence[str], passes: int, search_share: float | None = None) -> str:
+def epochs_text(methods: Sequence[str], passes: int, search_share: float | None = None,
+                tuning: str = "paper") -> str:
     """'VPNs search 2 + finetune 2; HYDRA search 4 + finetune 4; ...' for the settings line."""
     parts = []
-    for m in methods:
+    for m in dict.fromkeys(split_method(m)[0] for m in methods):
         stages = " + ".join(f"{field.split('_')[0]} {e}"
-                            for field, e in equal_budget_epochs(m, passes, search_share).items())
+                            for field, e in equal_budget_epochs(m, passes, search_share, tuning).items())
         parts.append(f"{DISPLAY.get(m, m)} {stages}")
     return "; ".join(parts)
 
@@ -562,6 +562,9 @@ def accuracy_arguments(name: str, doc: str, methods_help: str, level: str, level
     p.add_argument("--test-samples", type=int, default=None,
                    help="a fixed class-balanced subset of N test images; 0 = all 10,000 (the full mode's default)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense fine-tuned reference")
+    p.add_argument("--tunings", nargs="+", default=None, choices=tuple(TUNINGS),
+                   help="tuning recipes every method runs with: paper (its own), two_step (shared, no prompt), "
+                        "two_step_prompt (shared, with the prompt); full mode: all three")
     p.add_argument("--search-share", type=float, default=None,
                    help="ablation: the fraction of the passes a search method (VPNs, HYDRA, PASS) spends searching "
                         "(default: an equal split between its stages)")
@@ -614,7 +617,7 @@ def overrides_text(cfg: dict) -> str:
 def accuracy_config(args, quick: dict, full: dict, level: str) -> dict:
     """The mode's settings with the command-line overrides applied."""
     cfg = dict(quick if args.quick else full)
-    for key in ("methods", "seeds", level, "passes", "lr_scales"):
+    for key in ("methods", "seeds", level, "passes", "lr_scales", "tunings"):
         if getattr(args, key) is not None:
             cfg[key] = tuple(getattr(args, key)) if key != "passes" else getattr(args, key)
     if args.train_samples:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from .methods import METHODS, get_method
+from .methods import METHODS, SCORE_INITS, get_method
 
 # Closed option sets as Literal types: HfArgumentParser turns them into argparse `choices` (checked, listed in
 # --help). Method names are the registry's at import time (register a new method before importing this module);
@@ -102,6 +102,26 @@ class PruningArguments:
             "augmented batch; VPNs), 'prompted' (the first only) or 'augmented' (the second only)."
         },
     )
+    finetune_steps: Literal["two", "prompted", "augmented"] | None = field(
+        default=None,
+        metadata={"help": "The tuning recipe: optimiser steps per iteration of the method's tuning stage (its last "
+                          "training stage), as --steps; default: the method's own (its paper's). 'two' with a prompt "
+                          "(--prompt_method pad) is the benchmark's shared recipe: 'X w. two-step + prompt'."},
+    )
+    score_init: Literal[SCORE_INITS] = field(
+        default="scaled",
+        metadata={"help": "Initial mask scores of a score search (VPNs, HYDRA, BiP): 'scaled' (HYDRA's "
+                          "sqrt(6/fan_in) * W / max|W|, the paper's), or a one-shot criterion, globally rescaled so "
+                          "that the first mask is exactly that criterion's mask and the threshold sits where "
+                          "'scaled' puts it."},
+    )
+    flm_network: Literal["auto", "dense", "masked"] = field(
+        default="auto",
+        metadata={"help": "Which network frequency label mapping (FLM) counts predictions of: 'masked' (the "
+                          "paper), 'dense' (the pretrained network, every weight kept), or 'auto' (masked, unless "
+                          "its predictions have collapsed to fewer classes than the targets). Needs --head "
+                          "pretrained."},
+    )
     search_epochs: int = field(default=2, metadata={"help": "Mask-finding epochs (paper: 30)."})
     finetune_epochs: int = field(default=2, metadata={"help": "Subnetwork-tuning epochs (paper: 30)."})
     dense_epochs: int = field(default=2, metadata={"help": "Dense fine-tuning epochs before OMP pruning."})
@@ -121,6 +141,11 @@ class PruningArguments:
     search_prompt_schedule: Literal["multistep", "cosine"] = field(
         default="multistep",
         metadata={"help": "multistep (x0.1 at 50 and 72 percent of the steps; paper) or cosine (public code)."},
+    )
+    lr_scale: float = field(
+        default=1.0,
+        metadata={"help": "Multiplies every learning rate of the run, 'auto' ones after they are resolved (one knob "
+                          "for a learning-rate grid, as the benchmarks run it)."},
     )
     finetune_lr: float = field(default=0.01)
     finetune_optimizer: Literal["sgd", "adam"] = field(default="sgd",
@@ -195,6 +220,7 @@ class PruningArguments:
             self._apply_nm_pattern()
         _require(self, "flops_ratio", lambda v: 0 < v <= 1, "in (0, 1]: the fraction of FLOPs kept, e.g. 0.5")
         _require(self, "warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
+        _require(self, "lr_scale", lambda v: v > 0 and v != float("inf"), "a positive factor, e.g. 3")
         _require(self, "imp_prune_rate", lambda v: 0 < v < 1, "in (0, 1): the fraction of the remaining weights "
                  "pruned per IMP round, e.g. 0.2")
         if self.bip_implicit_gradient not in ("code", "paper"):

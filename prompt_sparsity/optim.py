@@ -48,7 +48,23 @@ HYPERNET_LR_RULE = LrRule(reference_lr=1e-3, reference_steps=PAPER_STRUCTURE_STE
 STRUCTURE_PROMPT_LR_RULE = LrRule(reference_lr=1e-3, reference_steps=PAPER_STRUCTURE_STEPS, max_lr=1e-2)
 
 
-def resolve_lr(value, rule: LrRule | None, steps: int, name: str) -> float:
+# Adam moves every score by about `lr` per step. A step as large as the threshold carries almost every score across
+# it at the first step, so the search forgets its start (at 90% on Lite0 the step-count rule gave lr 0.088 against a
+# threshold of 0.030: the final mask kept 16% of the initial one, random ~5%); a tenth of the threshold lets the
+# search refine its start (67% kept). `auto` therefore also caps the score lr at this fraction of the scores' scale
+# at the threshold (`methods.pruners.score_threshold`), measured when the search starts.
+SCORE_STEP_FRACTION = 0.1
+
+
+def auto_score_lr(steps: int, threshold: float | None) -> float:
+    """`auto` for mask scores: the step-count rule, capped at `SCORE_STEP_FRACTION` x the threshold (when known)."""
+    lr = SCORE_LR_RULE(steps)
+    if threshold is not None and threshold > 0 and math.isfinite(threshold):
+        lr = min(lr, SCORE_STEP_FRACTION * threshold)
+    return lr
+
+
+def resolve_lr(value, rule, steps: int, name: str) -> float:
     """A learning rate from a setting that is a number (or its string) or 'auto' (`rule` at `steps`; only for the
     settings that have a rule)."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):

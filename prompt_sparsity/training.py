@@ -35,7 +35,7 @@ from .checkpointing import (
 )
 from .data import EpochShuffleSampler, load_image_dataset, make_dataloader
 from .label_mapping import distinct_predictions, frequency_label_mapping, is_degenerate
-from .methods import Method, Prune, Stage, display_name, expand_plan, get_method
+from .methods import Method, Prune, Stage, display_name, expand_plan, get_method, with_tuning
 from .metrics import load_metric
 from .modeling import PromptedSparseModel
 from .optim import (
@@ -43,6 +43,7 @@ from .optim import (
     SCORE_LR_RULE,
     SEARCH_PROMPT_LR_RULE,
     STRUCTURE_PROMPT_LR_RULE,
+    auto_score_lr,
     build_optimizer,
     resolve_lr,
     schedule_fn,
@@ -97,7 +98,11 @@ class PruningRun:
     def __init__(self, model_args: ModelArguments, data_args: DataArguments, prune_args: PruningArguments,
                  run_args: RunArguments, method: Method | None = None):
         self.model_args, self.data_args, self.prune_args, self.run_args = model_args, data_args, prune_args, run_args
-        self.method: Method = method or get_method(prune_args.method)
+        # The tuning recipe ("X w. two-step", "X w. prompt") is a variant of the registered method.
+        self.method: Method = method or with_tuning(get_method(prune_args.method),
+                                                    finetune_steps=prune_args.finetune_steps,
+                                                    prompt_method=model_args.prompt_method)
+        check_combination(self.method, model_args, prune_args)
         self.prompt_method = model_args.prompt_method or self.method.prompt_method
         self.prompt_on = self.prompt_method != "none"
         self.steps = prune_args.steps or self.method.steps
@@ -214,7 +219,7 @@ class PruningRun:
         prompt_params = [p for p in model.prompt.parameters()] if self.prompt_on else []
 
         def group(params, lr_field, rule, optimizer, schedule, weight_decay=0.0):
-            lr = resolve_lr(getattr(pargs, lr_field), rule, total_steps, lr_field)
+            lr = resolve_lr(getattr(pargs, lr_field), rule, total_steps, lr_field) * pargs.lr_scale
             self.state.setdefault("learning_rates", {})[f"{kind}/{lr_field}"] = lr
             return ({"params": params, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer}, schedule)
 
@@ -223,7 +228,7 @@ class PruningRun:
                        if p.requires_grad and not n.startswith("prompt.") and p is not model.sparsity.scores]
             spec = [group(weights, "finetune_lr", None, pargs.finetune_optimizer, pargs.finetune_schedule,
                           pargs.bip_gamma),
-                    group([model.sparsity.scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
+                    group([model.sparsity.scores], "score_lr", self.score_lr_rule(kind), pargs.score_optimizer,
                           pargs.score_schedule, pargs.score_weight_decay)]
             if prompt_params:
                 spec.append(group(prompt_params, "search_prompt_lr", SEARCH_PROMPT_LR_RULE,
@@ -231,7 +236,8 @@ class PruningRun:
                                   pargs.score_weight_decay))
         elif kind == "search":  # the mask scores: of the weights, or of the channels (structure_search="scores")
             scores = model.sparsity.scores if model.sparsity is not None else model.structure.channel_scores.scores
-            spec = [group([scores], "score_lr", SCORE_LR_RULE, pargs.score_optimizer,
+            rule = self.score_lr_rule(kind) if model.sparsity is not None else SCORE_LR_RULE
+            spec = [group([scores], "score_lr", rule, pargs.score_optimizer,
                           pargs.score_schedule, pargs.score_weight_decay)]
             if prompt_params:
                 spec.append(group(prompt_params, "search_prompt_lr", SEARCH_PROMPT_LR_RULE,
@@ -271,6 +277,16 @@ class PruningRun:
                 model.set_mask(torch.ones(model.sparsity.numel))
             model.start_finetuning(train_prompt=self.prompt_on)
 
+    def score_lr_rule(self, kind: str):
+        """`auto` for weight-mask scores: tied to the scores' scale at the threshold when the stage first started
+        (kept in the state, so a resumed run resolves the same rate; `optim.auto_score_lr`)."""
+        from .methods.pruners import score_threshold
+
+        thresholds = self.state.setdefault("score_threshold_at_start", {})
+        if kind not in thresholds:
+            thresholds[kind] = score_threshold(self.model)
+        return lambda steps: auto_score_lr(steps, thresholds[kind])
+
     def iterations_per_epoch(self, steps: str) -> int:
         iters = len(self.loader_a if steps != "augmented" else self.loader_b)
         iters = math.ceil(iters / self.accelerator.num_processes)
@@ -307,6 +323,15 @@ class PruningRun:
                                      scheduler=scheduler)
             start_epoch = self.state["epoch"] + 1
             self.log(f"resumed {stage.kind} at epoch {start_epoch} from {resume_from}")
+        # A search's mask dynamics: the fraction of the mask that flips per epoch and the overlap with its start
+        # (the start mask rides in the run state, 1 bit per entry, so a resumed search reports the same numbers).
+        searching = stage.kind in ("search", "bilevel", "structure_search")
+        start_bits = previous_bits = self.mask_bits() if searching else None
+        if searching:
+            if resume_from is not None and self.state.get("mask_at_start"):
+                start_bits = decode_bits(self.state["mask_at_start"], start_bits.numel())
+            else:
+                self.state["mask_at_start"] = encode_bits(start_bits)
         images, t0 = 0, time.perf_counter()
         if stage.kind == "bilevel":
             from .methods.bilevel import bilevel_iteration
@@ -354,6 +379,11 @@ class PruningRun:
             metrics = self.evaluate_split("validation")
             record = {"stage": stage_idx, "kind": stage.kind, "epoch": epoch,
                       "train_loss": running / max(1, n_iters * len(views)), **metrics}
+            if searching:
+                bits = self.mask_bits()
+                record["mask_flip_fraction"] = float((bits != previous_bits).float().mean())
+                record["mask_overlap_with_start"] = jaccard(bits, start_bits) if start_bits is not None else None
+                previous_bits = bits
             self.state["history"].append(record)
             acc.log({f"{stage.kind}/{k}": v for k, v in record.items() if isinstance(v, float)},
                     step=len(self.state["history"]))
@@ -362,11 +392,20 @@ class PruningRun:
             self.state.update(stage=stage_idx, epoch=epoch)
             if self.run_args.checkpointing:
                 self.save_checkpoint(stage_idx, epoch)
+        self.state.pop("mask_at_start", None)
         elapsed = time.perf_counter() - t0
         timings = self.state["timings"]
         timings[f"stage{stage_idx}_{stage.kind}_s"] = timings.get(f"stage{stage_idx}_{stage.kind}_s", 0.0) + elapsed
         timings["train_images"] = timings.get("train_images", 0) + images
         timings["train_s"] = timings.get("train_s", 0.0) + elapsed
+
+    @torch.no_grad()
+    def mask_bits(self) -> torch.Tensor:
+        """The current hard mask as booleans (kept = True): of the weights, or of the channels of every unit."""
+        model = self.accelerator.unwrap_model(self.model)
+        if model.sparsity is not None:
+            return model.sparsity.mask().detach().cpu() > 0
+        return torch.cat([m.detach().flatten().cpu() for m in model.channel_masks()]) > 0
 
     def save_checkpoint(self, stage: int, epoch: int) -> None:
         save_training_checkpoint(self.accelerator, self.checkpoint_dir(stage, epoch), model=self.model,
@@ -393,11 +432,19 @@ class PruningRun:
             # FLM on the masked network (paper). When its predictions have collapsed (fewer distinct source classes
             # than target classes, e.g. one class for every image), the mapping would be arbitrary: it is computed
             # on the dense pretrained network instead, and results.json says so.
-            mapping, counts = self.compute_label_mapping(self.model, return_counts=True)
-            info = {"network": "masked", "distinct_predictions": distinct_predictions(counts)}
-            if is_degenerate(counts) and (self.model.sparsity is not None or self.model.structure is not None):
+            pruned = self.model.sparsity is not None or self.model.structure is not None
+            wanted = self.prune_args.flm_network
+            if wanted == "dense" and pruned:
+                mapping, counts = self.compute_label_mapping(self.dense_copy(), return_counts=True)
+                info = {"network": "dense", "distinct_predictions": distinct_predictions(counts)}
+            else:
+                mapping, counts = self.compute_label_mapping(self.model, return_counts=True)
+                info = {"network": "masked" if pruned else "dense", "distinct_predictions": distinct_predictions(counts)}
+            info["flm_network"] = wanted
+            if wanted == "auto" and is_degenerate(counts) and pruned:
                 dense_mapping, dense_counts = self.compute_label_mapping(self.dense_copy(), return_counts=True)
-                info = {"network": "dense", "distinct_predictions": distinct_predictions(dense_counts),
+                info = {"network": "dense", "flm_network": wanted,
+                        "distinct_predictions": distinct_predictions(dense_counts),
                         "masked_distinct_predictions": info["distinct_predictions"],
                         "reason": f"the masked network predicts {info['distinct_predictions']} distinct source "
                                   f"classes on the training set, fewer than the {self.data.num_labels} targets"}
@@ -518,6 +565,8 @@ class PruningRun:
         # Iterative methods (IMP) unroll into plain steps here, so every round has its own index: a checkpoint's
         # `stage` then names the round, and resume neither redoes nor skips one.
         self.plan = expand_plan(self.method.plan, self.prune_args, self.sparsity, self.iterations_per_epoch(self.steps))
+        if not resume:
+            self.init_scores()
         for idx, step in enumerate(self.plan):
             if resume and idx < self.state["stage"]:
                 continue
@@ -549,6 +598,29 @@ class PruningRun:
     def _argument_groups(self) -> tuple:
         return (self.model_args, self.data_args, self.prune_args, self.run_args)
 
+    def tuning_steps(self) -> str | None:
+        """The steps per iteration of the tuning stage (the method's last training stage)."""
+        from .methods import tuning_stage_index
+
+        idx = tuning_stage_index(self.method.plan)
+        return None if idx is None else (self.method.plan[idx].steps or self.steps)
+
+    def init_scores(self) -> None:
+        """--score_init: start the score search at a one-shot criterion's mask (before the label mapping, which
+        is computed on the first mask)."""
+        from .methods.pruners import init_scores_from_criterion
+
+        criterion = self.prune_args.score_init
+        if criterion == "scaled" or self.model.sparsity is None or self.model.sparsity.frozen:
+            return
+        batches = self._first_batches(self.prune_args.pruner_batches) if criterion in ("snip", "grasp") else None
+        info = init_scores_from_criterion(self.model, criterion, batches=batches,
+                                          generator=torch.Generator().manual_seed(self.run_args.seed),
+                                          synflow_iterations=self.prune_args.synflow_iterations)
+        self.state["score_init"] = info
+        self.log(f"scores initialised at the {criterion} mask (threshold {info['threshold']:.4g}, "
+                 f"scale {info['scale']:.4g})")
+
     def all_args(self) -> dict[str, Any]:
         out = {}
         for args in self._argument_groups():
@@ -565,6 +637,11 @@ class PruningRun:
         return {
             "name": self.name,
             "method": self.method.name,
+            "method_display": self.method.display_name,
+            "tuning": {"finetune_steps": self.tuning_steps(), "prompt_method": self.prompt_method},
+            "score_init": self.state.get("score_init"),
+            "score_threshold_at_start": self.state.get("score_threshold_at_start"),
+            "mask_dynamics": mask_dynamics(self.state["history"]),
             "model": self.model_args.model_name_or_path,
             "dataset": self.data.name,
             "num_labels": self.data.num_labels,
@@ -648,6 +725,61 @@ class PruningRun:
             acc.wait_for_everyone()
 
 
+def encode_bits(bits: torch.Tensor) -> str:
+    """A boolean mask as text for the JSON run state: bit-packed, zlib, base64."""
+    import base64
+    import zlib
+
+    from .sparsity.unstructured import pack_mask
+
+    return base64.b64encode(zlib.compress(pack_mask(bits).numpy().tobytes(), 6)).decode("ascii")
+
+
+def decode_bits(text: str, n: int) -> torch.Tensor:
+    import base64
+    import zlib
+
+    from .sparsity.unstructured import unpack_mask
+
+    packed = torch.frombuffer(bytearray(zlib.decompress(base64.b64decode(text))), dtype=torch.uint8)
+    return unpack_mask(packed, n, dtype=torch.bool)
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a & b| / |a | b| of two boolean masks (the kept sets); 1 for two empty ones."""
+    union = int((a | b).sum())
+    return float(int((a & b).sum()) / union) if union else 1.0
+
+
+def mask_dynamics(history: list[dict]) -> dict[str, Any]:
+    """Per search stage: the overlap of its final mask with its start and the fraction flipped per epoch."""
+    out: dict[str, Any] = {}
+    for rec in history:
+        if "mask_flip_fraction" in rec:
+            entry = out.setdefault(f"stage{rec['stage']}_{rec['kind']}", {"flip_fraction_per_epoch": []})
+            entry["flip_fraction_per_epoch"].append(rec["mask_flip_fraction"])
+            entry["overlap_with_start"] = rec["mask_overlap_with_start"]
+    return out
+
+
+def check_combination(method: Method, model_args: ModelArguments, prune_args: PruningArguments) -> None:
+    """Refuse settings that cannot apply to this method or head, naming the fix."""
+    searches_scores = method.sparse and not method.structured and any(
+        isinstance(s, Stage) and s.kind in ("search", "bilevel") for s in method.plan)
+    if prune_args.score_init != "scaled" and not searches_scores:
+        raise ValueError(f"--score_init {prune_args.score_init} initialises the scores of a weight-score search, "
+                         f"but --method {method.name} has none; drop --score_init, or use --method vpns, hydra or "
+                         f"bip (for {method.name} the mask is the criterion's own: --method {prune_args.score_init} "
+                         "if it is a registered method).")
+    if prune_args.flm_network != "auto" and model_args.head != "pretrained":
+        raise ValueError(f"--flm_network {prune_args.flm_network} chooses the network frequency label mapping "
+                         f"counts on, but --head {model_args.head} trains a new head and maps no labels; drop "
+                         "--flm_network or use --head pretrained.")
+    if prune_args.flm_network == "masked" and not method.sparse:
+        raise ValueError(f"--flm_network masked: --method {method.name} prunes nothing, so there is no masked "
+                         "network to map labels on; drop --flm_network (dense and masked are the same network here).")
+
+
 def print_summary(results: dict[str, Any]) -> None:
     split = "test" if "test" in results["accuracy"] else "validation"  # eval_test=False: validation only
     test = {k.replace(f"{split}_", "test_", 1): v for k, v in results["accuracy"][split].items()}
@@ -659,7 +791,7 @@ def print_summary(results: dict[str, Any]) -> None:
     sp = f"{100 * results['sparsity']:.1f}%"
     if results.get("flops_ratio"):  # structured: the budget is FLOPs
         sp = f"{100 * results['flops_ratio']:.1f}% FLOPs"
-    name = display_name(results["method"])
+    name = results.get("method_display") or display_name(results["method"])
     if "test_accuracy_prompt" in test:
         rows.append((f"{name} with prompt", f"{test['test_accuracy_prompt']:.2f}", sp))
     rows.append((f"{name} without prompt", f"{test['test_accuracy_no_prompt']:.2f}", sp))

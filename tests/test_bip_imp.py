@@ -302,8 +302,6 @@ def test_benchmark_budgets_give_imp_and_bip_the_same_passes():
     pytest.importorskip("matplotlib")
     import importlib.util
 
-    from prompt_sparsity.optim import SCORE_LR_RULE
-
     # Loaded under its own name: recipes/common.py is the `common` other tests import.
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
     spec = importlib.util.spec_from_file_location("benchmarks_common", path)
@@ -315,7 +313,7 @@ def test_benchmark_budgets_give_imp_and_bip_the_same_passes():
         assert common.equal_budget_epochs("imp", passes) == {"imp_epochs": passes // 2, "finetune_epochs": passes // 2}
         # BiP: a bilevel epoch is two passes (a weight batch and a score batch per iteration), like a VPNs epoch
         assert common.equal_budget_epochs("bip", passes) == {"search_epochs": passes // 4, "finetune_epochs": passes // 2}
-    epochs = common.equal_budget_epochs("bip", 8)
-    assert common.stage_steps("bip", epochs, 640, 64) == {"bilevel": 20, "finetune": 40}  # one score step / iteration
-    scaled = common.scaled_learning_rates("bip", 3.0, 8, 640, 64)
-    assert scaled["score_lr"] == pytest.approx(3 * SCORE_LR_RULE(20), rel=1e-3)  # 'auto' at the bilevel steps
+    # The lr grid scales every rate of the run, 'auto' ones once resolved (PruningArguments.lr_scale).
+    _, _, prune, _ = common.accuracy_run_args(dataset="d", input_size=32, batch_size=64, method="bip", seed=7,
+                                              passes=8, threads=1, lr_scale=3.0, train=640)
+    assert prune.lr_scale == 3.0 and prune.score_lr == "auto" and prune.search_epochs == 2

@@ -236,7 +236,7 @@ def test_flm_on_a_healthy_network_stays_on_the_masked_one(tmp_path, monkeypatch)
         RunArguments(output_dir=str(tmp_path / "run"), seed=7, cpu=True, max_steps_per_epoch=1, torch_threads=1,
                      checkpointing=False, dense_reference=False, eval_test=False),
     )
-    assert results["label_mapping_source"] == {"network": "masked", "distinct_predictions": 10}
+    assert results["label_mapping_source"] == {"network": "masked", "distinct_predictions": 10, "flm_network": "auto"}
     assert len(calls) == 1 and results["label_mapping"] == list(range(5, 15))  # no second (dense) FLM
     assert "test" not in results["accuracy"] and "validation" in results["accuracy"]
 

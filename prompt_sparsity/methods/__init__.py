@@ -4,7 +4,7 @@ switch (`prompt_method`), as in the paper's "VPNs w. X" experiments."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,43 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}.") from None
+
+
+STEP_KINDS = ("two", "prompted", "augmented")
+# How a score search (VPNs, HYDRA, BiP) initialises its scores: HYDRA's scaled init (the paper's) or the mask of a
+# one-shot criterion (`methods.pruners.init_scores_from_criterion`).
+SCORE_INITS = ("scaled", "magnitude", "snip", "grasp", "synflow", "random")
+_STEP_NAMES = {"two": "two-step", "prompted": "prompted", "augmented": "augmented"}
+
+
+def tuning_stage_index(plan: tuple) -> int | None:
+    """The index of the plan's tuning stage: its last training stage (the fine-tune after the mask is found; the
+    dense method's only stage), or None for a plan without one."""
+    last = [i for i, step in enumerate(plan) if isinstance(step, Stage)]
+    return last[-1] if last else None
+
+
+def with_tuning(method: Method, *, finetune_steps: str | None = None, prompt_method: str | None = None) -> Method:
+    """"X w. two-step" / "X w. prompt" for any registered X: the same mask-finding plan with its tuning stage run
+    with `finetune_steps` per iteration (see PruningArguments.steps) and the run's prompt set to `prompt_method`.
+    None keeps the method's own (its paper's recipe). The name stays X's, so runs group by the mask's method."""
+    if finetune_steps is not None and finetune_steps not in STEP_KINDS:
+        raise ValueError(f"finetune_steps={finetune_steps!r}: use one of {', '.join(STEP_KINDS)} (or None for the "
+                         "method's own tuning).")
+    plan, parts = method.plan, []
+    idx = tuning_stage_index(plan)
+    if finetune_steps is not None and idx is not None:
+        own = plan[idx].steps or method.steps
+        if finetune_steps != own:
+            plan = plan[:idx] + (replace(plan[idx], steps=finetune_steps),) + plan[idx + 1:]
+            parts.append(f"{_STEP_NAMES[finetune_steps]} tuning")
+    prompt = method.prompt_method if prompt_method is None else prompt_method
+    if prompt != method.prompt_method:
+        parts.append("prompt" if prompt != "none" else "no prompt")
+    if not parts:
+        return method
+    return replace(method, plan=plan, prompt_method=prompt,
+                   display_name=f"{method.display_name} w. {' + '.join(parts)}")
 
 
 SEARCH = Stage("search", "search_epochs")

@@ -401,6 +401,94 @@ DEFAULT_THRESHOLD = {
 }
 
 
+def criterion_importance(model, criterion: str, sparsity: float, *, batches=None, threshold: str = "global",
+                         generator: torch.Generator | None = None, synflow_iterations: int = 100,
+                         use_prompt: bool = False) -> torch.Tensor:
+    """The flat importances (larger = keep) of one of `PRUNERS` (see `prune_once` for the arguments)."""
+    if criterion not in PRUNERS:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; known: {sorted(PRUNERS)}.")
+    if criterion in DATA_DRIVEN:
+        batches = _materialise(batches, criterion)
+    if criterion == "magnitude":
+        return magnitude_importance(model)
+    if criterion == "kept_magnitude":
+        return kept_magnitude_importance(model)
+    if criterion == "random":
+        return random_importance(model, generator=generator)
+    if criterion == "snip":
+        return snip_importance(model, batches, use_prompt=use_prompt)
+    if criterion == "grasp":
+        return grasp_importance(model, batches, use_prompt=use_prompt)
+    return synflow_importance(model, sparsity, iterations=synflow_iterations, threshold=threshold)
+
+
+@torch.no_grad()
+def init_scores_from_criterion(model, criterion: str, *, batches=None, generator: torch.Generator | None = None,
+                               synflow_iterations: int = 100, use_prompt: bool = False) -> dict:
+    """Initialise a score search (trainable `model.sparsity.scores`) at a one-shot criterion's mask.
+
+    The scores are the criterion's importances (shifted to be >= 0 when it has negative ones), times one global
+    factor that puts the threshold where HYDRA's scaled init puts it (so learning rates tuned for that scale keep
+    their meaning), with the sign of the weight (as the scaled init). Exactness: the hard mask of the new scores is
+    the criterion's own mask (`mask_from_importance`, the model's threshold kind and layer floors), ties at the
+    threshold included: kept entries that rounding left at or below the largest pruned score are nudged just above
+    it. Returns {"criterion", "threshold", "scale"}."""
+    from ..sparsity.unstructured import scaled_scores
+
+    sp = model.sparsity
+    if sp is None or sp.frozen:
+        raise ValueError(f"score_init={criterion!r} needs trainable mask scores (a score search: vpns, hydra, bip); "
+                         "this model holds a fixed mask.")
+    sparsity, threshold = sp.sparsity, sp.threshold
+    importance = criterion_importance(model, criterion, sparsity, batches=batches, threshold=threshold,
+                                      generator=generator, synflow_iterations=synflow_iterations,
+                                      use_prompt=use_prompt)
+    mask = mask_from_importance(model, importance, sparsity, threshold).to(sp.scores.device)
+    weights = torch.cat([w.detach().reshape(-1) for w in _pruned_weights(model)]).to(sp.scores.device)
+    scaled = torch.cat([scaled_scores(w.detach()).reshape(-1) for w in _pruned_weights(model)]).to(weights.device)
+    k = num_pruned(sparsity, sp.numel)
+    values = importance.detach().to(weights.device, torch.float64)
+    if values.min() < 0:  # GraSP, SynFlow's pruned entries: a monotone shift keeps the order
+        values = values - values.min()
+    pruned = mask == 0
+    if k == 0 or not bool(pruned.any()):
+        ref, tau = 1.0, 1.0
+    else:
+        ref = float(torch.kthvalue(scaled.abs().double(), k).values)
+        tau = float(values[pruned].max())
+        if tau <= 0:  # every pruned importance is 0: scale by the smallest kept one instead
+            kept_values = values[~pruned]
+            tau = float(kept_values[kept_values > 0].min()) if bool((kept_values > 0).any()) else 1.0
+    scale = (ref / tau) if ref > 0 else 1.0
+    magnitude = (values * scale).to(torch.float32)
+    groups = [slice(0, sp.numel)] if threshold == "global" else [
+        slice(layer.offset, layer.offset + layer.numel) for layer in sp.layers]
+    if sp.nm_pattern is None:
+        for sl in groups:  # the exact boundary: every kept score strictly above every pruned one
+            p, m = pruned[sl], magnitude[sl]
+            if bool(p.any()) and bool((~p).any()):
+                top = m[p].max()
+                low = (~p) & (m <= top)
+                m[low] = torch.nextafter(top, torch.tensor(float("inf"), device=top.device))
+    sign = torch.where(weights < 0, -1.0, 1.0).to(magnitude)
+    sp.scores.copy_(sign * magnitude)
+    sp.update_mask()
+    if not torch.equal(sp.mask().to(mask), mask):
+        logger.warning("score_init=%s: %d entries of the first mask differ from the criterion's (exact ties in an "
+                       "N:M group)", criterion, int((sp.mask().to(mask) != mask).sum()))
+    return {"criterion": criterion, "threshold": float(ref), "scale": float(scale)}
+
+
+def score_threshold(model) -> float:
+    """The scores' scale at the threshold: the k-th smallest |score| (k = the number of pruned weights); for a
+    global threshold this is the threshold itself. The `auto` score learning rate is tied to it."""
+    sp = model.sparsity
+    k = num_pruned(sp.sparsity, sp.numel)
+    if k == 0:
+        return float(sp.scores.detach().abs().max())
+    return float(torch.kthvalue(sp.scores.detach().abs().float().cpu(), k).values)
+
+
 def prune_once(
     model,
     criterion: str,
@@ -424,21 +512,11 @@ def prune_once(
     threshold = _check_threshold(threshold or DEFAULT_THRESHOLD[criterion])
     _layers(model)
     nm = _nm(model, sparsity)  # checked before any scoring work
-    if criterion in DATA_DRIVEN:
-        batches = _materialise(batches, criterion)
-    if criterion == "magnitude":
-        importance = magnitude_importance(model)
-    elif criterion == "kept_magnitude":
+    if criterion == "kept_magnitude":
         before = model.sparsity.mask().clone()
-        importance = kept_magnitude_importance(model)
-    elif criterion == "random":
-        importance = random_importance(model, generator=generator)
-    elif criterion == "snip":
-        importance = snip_importance(model, batches, use_prompt=use_prompt)
-    elif criterion == "grasp":
-        importance = grasp_importance(model, batches, use_prompt=use_prompt)
-    else:
-        importance = synflow_importance(model, sparsity, iterations=synflow_iterations, threshold=threshold)
+    importance = criterion_importance(model, criterion, sparsity, batches=batches, threshold=threshold,
+                                      generator=generator, synflow_iterations=synflow_iterations,
+                                      use_prompt=use_prompt)
     mask = mask_from_importance(model, importance, sparsity, threshold)
     if criterion == "kept_magnitude" and bool(((mask > 0) & (before.to(mask.device) == 0)).any()):
         raise ValueError(f"kept_magnitude pruning to sparsity {sparsity} would restore pruned weights: the target "
@@ -456,6 +534,9 @@ def prune_once(
 
 __all__ = [
     "PRUNERS",
+    "criterion_importance",
+    "init_scores_from_criterion",
+    "score_threshold",
     "grasp_hessian_gradient",
     "grasp_importance",
     "kept_magnitude_importance",
