@@ -422,7 +422,6 @@ def criterion_importance(model, criterion: str, sparsity: float, *, batches=None
     return synflow_importance(model, sparsity, iterations=synflow_iterations, threshold=threshold)
 
 
-@torch.no_grad()
 def init_scores_from_criterion(model, criterion: str, *, batches=None, generator: torch.Generator | None = None,
                                synflow_iterations: int = 100, use_prompt: bool = False) -> dict:
     """Initialise a score search (trainable `model.sparsity.scores`) at a one-shot criterion's mask.
@@ -443,6 +442,15 @@ def init_scores_from_criterion(model, criterion: str, *, batches=None, generator
     importance = criterion_importance(model, criterion, sparsity, batches=batches, threshold=threshold,
                                       generator=generator, synflow_iterations=synflow_iterations,
                                       use_prompt=use_prompt)
+    with torch.no_grad():
+        return _install_criterion_scores(model, criterion, importance)
+
+
+def _install_criterion_scores(model, criterion: str, importance: torch.Tensor) -> dict:
+    from ..sparsity.unstructured import scaled_scores
+
+    sp = model.sparsity
+    sparsity, threshold = sp.sparsity, sp.threshold
     mask = mask_from_importance(model, importance, sparsity, threshold).to(sp.scores.device)
     weights = torch.cat([w.detach().reshape(-1) for w in _pruned_weights(model)]).to(sp.scores.device)
     scaled = torch.cat([scaled_scores(w.detach()).reshape(-1) for w in _pruned_weights(model)]).to(weights.device)
