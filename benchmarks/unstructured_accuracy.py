@@ -37,7 +37,7 @@ FAIR = ("vpns", "hydra", "snip", "omp", "random")  # the protocol's methods; the
 TUNING_ORDER = tuple(common.TUNINGS)
 
 FULL = dict(train=640, validation=500, test=None, input_size=48, batch_size=64, passes=8,
-            seeds=(7, 9, 17), sparsities=(0.9, 0.7), methods=FAIR, synflow_iterations=100, lr_scales=(0.3, 1.0, 3.0),
+            seeds=(7, 9, 17), sparsities=(0.9, 0.7), methods=FAIR, synflow_iterations=100, lr_scales=(0.3, 1.0, 3.0, 10.0),
             tunings=TUNING_ORDER)
 QUICK = dict(train=128, validation=128, test=256, input_size=48, batch_size=64, passes=4,
              seeds=(7,), sparsities=(0.9,), methods=FAIR, synflow_iterations=20, lr_scales=(1.0, 3.0),
@@ -74,8 +74,9 @@ def main(argv=None) -> int:
                                         dense_reference=floor_run,
                                         synflow_iterations=cfg["synflow_iterations"], **cfg["overrides"])
 
+    # The dense ceiling gets the same grid and selection rule: an under-tuned ceiling would flatter every method.
     all_runs, selection = common.run_lr_selected(jobs, work_dir, make_args, scales=cfg["lr_scales"],
-                                                 fresh=args.fresh)
+                                                 fresh=args.fresh, no_grid=())
     runs = [r for r in all_runs if r.get("selected")]  # the table: each method at its validation-selected lr
 
     # ------------------------------------------------------------------ aggregate
