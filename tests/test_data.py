@@ -227,7 +227,9 @@ def test_save_to_disk_folder(tmp_path):
     data = load_image_dataset(str(tmp_path / "saved"), validation_fraction=0.25)
     assert data.num_labels == 3 and data.label_names == ["0", "1", "2"]
     assert (len(data.train), len(data.validation), len(data.test)) == (9, 3, 6)
-    assert data.train.features["image"] == datasets.Image(mode="RGB")
+    # stored undecoded; the library decodes on access (one path for every source)
+    assert data.train.features["image"] == datasets.Image(decode=False)
+    assert data.train[0]["image"].mode == "RGB"
 
 
 # ------------------------------------------------------------------ Hub ids (load_dataset mocked)
