@@ -247,8 +247,9 @@ def save_training_checkpoint(accelerator, path: str, *, model, optimizer, schedu
 
 def _is_legacy_state(state: Any) -> bool:
     """A run state written by an older prompt_sparsity (format 1: accelerate's save_state, no run settings)."""
+    meta = state.get("checkpoint") if isinstance(state, dict) else None
     return (isinstance(state, dict) and "stage" in state and "epoch" in state
-            and (not isinstance(state.get("checkpoint"), dict) or state["checkpoint"].get("format") != CHECKPOINT_FORMAT))
+            and (not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT))
 
 
 def _state_problem(state: Any) -> str | None:
@@ -256,9 +257,9 @@ def _state_problem(state: Any) -> str | None:
     if not isinstance(state, dict):
         return f"not a run state (a JSON {type(state).__name__}, not an object)"
     meta = state.get("checkpoint")
-    expected = {"stage": int, "epoch": int, "history": list, "timings": dict}
     if not isinstance(meta, dict):
         return "not a run state (no 'checkpoint' record)"
+    expected = {"stage": int, "epoch": int, "history": list, "timings": dict}
     expected_meta = {"settings": dict, "scheduler": dict, "accelerator_step": int}
     for where, record, types in (("", state, expected), ("checkpoint.", meta, expected_meta)):
         for key, kind in types.items():
