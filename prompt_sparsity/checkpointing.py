@@ -7,6 +7,8 @@
   (the run state, the LR scheduler state and the run's settings). Nothing else in a checkpoint folder is read.
 - Every checkpoint records the settings that define the run's result (`run_settings`); resuming refuses a
   checkpoint of other settings with the list of differences, and `latest` picks only checkpoints of this run.
+- Every file of a checkpoint is checked before anything is resumed (`checkpoint_problems`); a missing or damaged one
+  is named with the intact checkpoints beside it, and `latest` refuses a damaged checkpoint rather than skip it.
 - A new run refuses a folder that holds a finished run or an unfinished one (`check_output_dir`).
 - Checkpoints and the final output are written in a staging folder and renamed into place, so a crash never leaves
   a folder that mixes two runs' files (`write_checkpoint_atomically`, `publish_output`).
@@ -152,14 +154,36 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def _parse_rng_state(state: Mapping[str, Any]) -> tuple:
     version, py_state, gauss = state["python"]
-    random.setstate((int(version), tuple(int(x) for x in py_state), None if gauss is None else float(gauss)))
+    python = (int(version), tuple(int(x) for x in py_state), None if gauss is None else float(gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    numpy = (str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+    return python, numpy, _unb64(state["torch"]), [_unb64(s) for s in state.get("cuda", [])]
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    python, numpy, cpu, cuda = _parse_rng_state(state)
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def rng_state_problem(state: Any) -> str | None:
+    """Why `state` cannot be restored by `set_rng_state`, or None: it is applied to fresh generators, so a damaged
+    file is found before anything is resumed and the process's own generators are untouched."""
+    try:
+        python, numpy, cpu, cuda = _parse_rng_state(state)
+        random.Random().setstate(python)
+        np.random.RandomState().set_state(numpy)
+        torch.Generator().set_state(cpu)
+        if cuda and any(s.numel() != cuda[0].numel() for s in cuda):
+            return "CUDA generator states of different sizes"
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # binascii.Error is a ValueError
+        return f"not a random generator state ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -219,6 +243,95 @@ def save_training_checkpoint(accelerator, path: str, *, model, optimizer, schedu
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
     }
     write_checkpoint_atomically(accelerator, path, shared, per_process, {**state, "checkpoint": meta})
+
+
+def _is_legacy_state(state: Any) -> bool:
+    """A run state written by an older prompt_sparsity (format 1: accelerate's save_state, no run settings)."""
+    meta = state.get("checkpoint") if isinstance(state, dict) else None
+    return (isinstance(state, dict) and "stage" in state and "epoch" in state
+            and (not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT))
+
+
+def _state_problem(state: Any) -> str | None:
+    """Why a parsed `trainer_state.json` of this format cannot be resumed, or None."""
+    if not isinstance(state, dict):
+        return f"not a run state (a JSON {type(state).__name__}, not an object)"
+    meta = state.get("checkpoint")
+    if not isinstance(meta, dict):
+        return "not a run state (no 'checkpoint' record)"
+    expected = {"stage": int, "epoch": int, "history": list, "timings": dict}
+    expected_meta = {"settings": dict, "scheduler": dict, "accelerator_step": int}
+    for where, record, types in (("", state, expected), ("checkpoint.", meta, expected_meta)):
+        for key, kind in types.items():
+            if key not in record:
+                return f"'{where}{key}' is missing"
+            if not isinstance(record[key], kind) or isinstance(record[key], bool):
+                return f"'{where}{key}' is a {type(record[key]).__name__}, not a {kind.__name__}"
+    return None
+
+
+def _checkpoint_files_present(path: str) -> bool:
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    return bool(names & {STATE_FILE, MODEL_FILE, OPTIMIZER_FILE}) or any(re.fullmatch(r"rng_state_\d+\.json", n)
+                                                                        for n in names)
+
+
+def checkpoint_problems(path: str) -> list[tuple[str, str]]:
+    """`[(file, problem)]` for every file of a checkpoint that is missing or damaged: the layout of the weight and
+    optimizer files and valid JSON (`integrity.damaged_files`), then what `trainer_state.json` and every process's
+    RNG state must hold to be resumed. Empty for an intact checkpoint, and for one of an older format (which
+    `read_checkpoint_state` refuses with its own message)."""
+    from .integrity import damaged_files
+
+    problems = dict(damaged_files(path))
+
+    def note(name: str, why: str) -> None:
+        problems.setdefault(os.path.join(path, name), why)
+
+    state_file = os.path.join(path, STATE_FILE)
+    state = None
+    if not os.path.isfile(state_file):
+        note(STATE_FILE, "missing (it is written last, so the save was interrupted or the file removed)")
+    elif state_file not in problems:
+        with open(state_file) as f:
+            state = json.load(f)
+        if _is_legacy_state(state):
+            return []
+        why = _state_problem(state)
+        if why:
+            note(STATE_FILE, why)
+            state = None
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        if not os.path.isfile(os.path.join(path, name)):
+            note(name, "missing")
+    # One RNG file per process of the run that wrote it (recorded), else at least the main process's.
+    world_size = state["checkpoint"]["settings"].get("world_size", 1) if state else 1
+    ranks = range(world_size if isinstance(world_size, int) and world_size > 0 else 1)
+    for rank in ranks:
+        name = RNG_FILE.format(rank=rank)
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            note(name, "missing")
+        elif file not in problems:
+            with open(file) as f:
+                why = rng_state_problem(json.load(f))
+            if why:
+                note(name, why)
+    return sorted(problems.items())
+
+
+def refuse_damaged_checkpoint(path: str, context: str = "") -> None:
+    """Refuse a checkpoint with a missing or damaged file (`checkpoint_problems`), naming each file, why, and the
+    intact checkpoints beside it."""
+    from .integrity import refuse_damaged_checkpoint as refuse
+
+    try:
+        refuse(path, STATE_FILE, problems=checkpoint_problems, context=context)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_checkpoint_state(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -282,12 +395,12 @@ def _checkpoint_order(name: str) -> tuple[int, ...]:
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Completed checkpoints under `<output_dir>/checkpoints`, oldest first (staging folders start with '.')."""
+    """Checkpoints under `<output_dir>/checkpoints`, oldest first (staging folders start with '.'). A folder that
+    lost its `trainer_state.json` is listed too, so that `latest` names it instead of passing over it."""
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    names = [d for d in os.listdir(root)
-             if not d.startswith(".") and os.path.isfile(os.path.join(root, d, STATE_FILE))]
+    names = [d for d in os.listdir(root) if not d.startswith(".") and _checkpoint_files_present(os.path.join(root, d))]
     return [os.path.join(root, d) for d in sorted(names, key=_checkpoint_order)]
 
 
@@ -298,6 +411,8 @@ def resolve_resume_checkpoint(resume: str | None, output_dir: str, settings: Map
     if not resume:
         return None
     if resume != "latest":
+        if _checkpoint_files_present(resume):  # otherwise read_checkpoint_state says it is no checkpoint
+            refuse_damaged_checkpoint(resume)
         _, meta = read_checkpoint_state(resume)
         diffs = settings_differences(meta["settings"], settings, defaults)
         if diffs:
@@ -313,6 +428,10 @@ def resolve_resume_checkpoint(resume: str | None, output_dir: str, settings: Map
         raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint in {root}.")
     reasons = []
     for path in reversed(found):
+        # A damaged checkpoint is refused, not skipped: an older one would silently redo finished epochs, and
+        # which run a damaged state belongs to cannot be told.
+        refuse_damaged_checkpoint(path, context="--resume_from_checkpoint latest takes the newest checkpoint and "
+                                                "does not skip a damaged one: ")
         try:
             _, meta = read_checkpoint_state(path)
         except CheckpointError as e:

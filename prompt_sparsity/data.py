@@ -2,7 +2,8 @@
 
 Everything returns ``datasets.Dataset`` objects with exactly two columns:
 
-* ``image``: ``datasets.Image(mode="RGB")`` (decoded lazily to an RGB ``PIL.Image``),
+* ``image``: ``datasets.Image(decode=False)`` (the stored file bytes or path); reading ``split[i]["image"]``
+  gives an 8-bit RGB ``PIL.Image`` decoded lazily by :func:`decode_image`,
 * ``label``: ``datasets.ClassLabel`` (class ids ``0 .. num_labels-1``),
 
 so the rest of the library never has to know where the data came from.
@@ -21,10 +22,12 @@ Sources accepted by :func:`load_image_dataset`:
 
 Images are *not* normalised here: :func:`build_transform` gives float tensors in ``[0, 1]``;
 normalisation with the model's mean/std happens inside the model, after the visual prompt.
-Images of more than 8 bits per pixel (16-bit PNGs) are scaled to 8 bits by :func:`to_rgb` in
-:func:`build_transform` / :func:`make_dataloader`; reading ``split[i]["image"]`` directly goes
-through ``datasets``' own RGB conversion, which clips them (use ``split.cast_column("image",
-datasets.Image())`` and :func:`to_rgb` for such images).
+Every image, whatever its source (built-in set, image folder, ``save_to_disk`` folder, Hub data
+set), is decoded by one function, :func:`decode_image`: PIL opens the file in its own mode and
+:func:`to_rgb` converts it, so images of more than 8 bits per pixel (16-bit PNGs, 32-bit integer or
+float TIFFs) are scaled to 8 bits, not clipped. ``datasets``' own RGB conversion (which clips them)
+is never used: the splits store images undecoded and decode them in a format transform, and
+:func:`make_dataloader` decodes with the same function.
 
 Every data set has at least 2 classes, and every split of it the same class names.
 
@@ -56,6 +59,7 @@ __all__ = [
     "ImageClassificationData",
     "build_transform",
     "collate_fn",
+    "decode_image",
     "load_image_dataset",
     "make_dataloader",
     "to_rgb",
@@ -148,7 +152,8 @@ class ImageClassificationData:
 
     Attributes:
         train, validation, test: ``datasets.Dataset`` with features
-            ``{"image": Image(mode="RGB"), "label": ClassLabel(names=...)}``.
+            ``{"image": Image(decode=False), "label": ClassLabel(names=...)}`` whose ``image`` reads as an
+            RGB ``PIL.Image`` (:func:`decode_image`, in a format transform).
         num_labels: number of classes.
         id2label: ``{class id: class name}``.
         label2id: ``{class name: class id}``.
@@ -579,7 +584,7 @@ def _standardise_splits(
     source: str,
 ) -> Tuple[Dict[str, "datasets.Dataset"], List[str]]:
     """Keep only the image and label columns, named ``image``/``label``; labels as ClassLabel,
-    images as ``Image(mode="RGB")``. Returns (splits, class names)."""
+    images undecoded (``Image(decode=False)``: :func:`decode_image` decodes them). Returns (splits, class names)."""
     import datasets
     from datasets import ClassLabel, Image, Value
 
@@ -653,9 +658,9 @@ def _standardise_splits(
             "subfolder per class, e.g. train/cat/, train/dog/)."
         )
 
-    image_feature, label_feature = Image(mode="RGB"), ClassLabel(names=names)
+    image_feature, label_feature = Image(decode=False), ClassLabel(names=names)
     for split, ds in out.items():
-        # Image -> Image(mode="RGB") is a metadata-only cast (RGB conversion happens on decoding).
+        # Image(...) -> Image(decode=False) is a metadata-only cast; a column of paths becomes {bytes, path}.
         if ds.features["image"] != image_feature:
             ds = ds.cast_column("image", image_feature)
         if ds.features["label"] != label_feature:
@@ -872,7 +877,7 @@ def load_image_dataset(
         plan = _plan_splits(
             {k: y for k, (_x, y) in sources.items()}, num_labels=len(names), source=builtin, **plan_kwargs
         )
-        features = datasets.Features({"image": datasets.Image(mode="RGB"), "label": datasets.ClassLabel(names=names)})
+        features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=names)})
         splits = {}
         for split, (src, idx) in plan.items():
             x, y = sources[src]
@@ -902,6 +907,8 @@ def load_image_dataset(
         plan = _plan_splits({k: _labels_of(ds) for k, ds in std.items()}, num_labels=len(names), source=raw, **plan_kwargs)
         splits = {split: _select(std[src], idx) for split, (src, idx) in plan.items()}
 
+    # Decoded on access by the library, never by the feature (whose RGB conversion would clip 16-bit images).
+    splits = {split: ds.with_transform(DecodedImages()) for split, ds in splits.items()}
     id2label = {i: str(n) for i, n in enumerate(names)}
     return ImageClassificationData(
         train=splits["train"],
@@ -948,6 +955,37 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def decode_image(value):
+    """The one way the library turns a stored image into an 8-bit RGB PIL image, whatever its source.
+
+    ``value``: what ``datasets.Image(decode=False)`` stores (``{"bytes": ..., "path": ...}``), a file path, or an
+    already opened PIL image / array. The file is opened by PIL in its own mode (``datasets.Image()`` without a
+    mode: no conversion; EXIF orientation applied; Hub paths fetched), then :func:`to_rgb` converts it, so bit
+    depth and mode are handled the same for built-in sets, image folders, ``save_to_disk`` folders and Hub sets.
+    """
+    if isinstance(value, (str, os.PathLike)):
+        value = {"bytes": None, "path": os.fspath(value)}
+    if isinstance(value, Mapping):
+        import datasets
+
+        value = datasets.Image().decode_example(dict(value))
+    return to_rgb(value)
+
+
+class DecodedImages:
+    """Format transform (``Dataset.with_transform``) that decodes the ``image`` column with :func:`decode_image`;
+    other columns pass through. Picklable (DataLoader workers)."""
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> Dict[str, List[Any]]:
+        out = dict(batch)
+        if "image" in out:
+            out["image"] = [None if v is None else decode_image(v) for v in out["image"]]
+        return out
+
+    def __repr__(self) -> str:
+        return "DecodedImages()"
+
+
 class _ToRGB:
     """PIL image (any mode) -> RGB PIL image (see :func:`to_rgb`); picklable for DataLoader workers."""
 
@@ -989,7 +1027,7 @@ def build_transform(input_size: int, train: bool) -> Callable[[Any], "torch.Tens
 
 class ImageLabelTransform:
     """Batch transform for ``Dataset.with_transform``: ``{"image", "label"}`` ->
-    ``{"pixel_values": [tensor (3,s,s)], "labels": [int]}``. Picklable (DataLoader workers)."""
+    ``{"pixel_values": [tensor (3,s,s)], "labels": [int]}``; images decoded by :func:`decode_image`. Picklable."""
 
     def __init__(self, input_size: int, train: bool):
         self.input_size = int(input_size)
@@ -998,7 +1036,7 @@ class ImageLabelTransform:
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> Dict[str, List[Any]]:
         return {
-            "pixel_values": [self.transform(image) for image in batch["image"]],
+            "pixel_values": [self.transform(decode_image(image)) for image in batch["image"]],
             "labels": [int(label) for label in batch["label"]],
         }
 
@@ -1053,10 +1091,10 @@ def make_dataloader(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     import datasets
 
-    if isinstance(dataset.features.get("image"), datasets.Image) and dataset.features["image"].mode is not None:
-        # Decode each image in its own mode (a metadata-only cast): the transform's `to_rgb` scales 16-bit images,
-        # where the feature's own RGB conversion would clip them to white.
-        dataset = dataset.cast_column("image", datasets.Image())
+    if isinstance(dataset.features.get("image"), datasets.Image) and dataset.features["image"].decode:
+        # Undecoded (a metadata-only cast): the transform decodes with `decode_image`, where the feature's own
+        # mode conversion would clip 16-bit images to white.
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
     transformed = dataset.with_transform(ImageLabelTransform(input_size, train_transform), columns=["image", "label"])
     generator = None
     if seed is not None:

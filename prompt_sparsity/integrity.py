@@ -148,21 +148,24 @@ def corrupted_model_error(name_or_path: str, revision: str | None, cause: BaseEx
     )
 
 
-def refuse_damaged_checkpoint(folder: str, state_file: str = "trainer_state.json") -> None:
-    """Before resuming: refuse a checkpoint with a truncated or garbage file, naming it and the usable ones."""
-    damaged = damaged_files(folder)
+def refuse_damaged_checkpoint(folder: str, state_file: str = "trainer_state.json", problems=damaged_files,
+                              context: str = "") -> None:
+    """Before resuming: refuse a checkpoint with a truncated, garbage or missing file, naming it and the usable ones.
+    `problems(folder) -> [(path, why)]` judges a checkpoint folder (the checkpoint format knows more than the file
+    layouts); `context` opens the message."""
+    damaged = problems(folder)
     if not damaged:
         return
     parent, here = os.path.split(os.path.normpath(folder))
     others = sorted(d for d in os.listdir(parent or ".")
-                    if d != here and os.path.isfile(os.path.join(parent, d, state_file)) and not damaged_files(
-                        os.path.join(parent, d)))
+                    if d != here and not d.startswith(".") and os.path.isfile(os.path.join(parent, d, state_file))
+                    and not problems(os.path.join(parent, d)))
     listing = "; ".join(f"{os.path.basename(p)}: {why}" for p, why in damaged)
     hint = f" (intact ones next to it: {', '.join(others)})" if others else ""
     raise ValueError(
-        f"The checkpoint {folder} is corrupted or incomplete - {listing}. Fix: resume from another checkpoint with "
-        f"--resume_from_checkpoint <folder>{hint}, or delete this folder (a crash or a full disk while saving leaves "
-        "it half-written) and start again."
+        f"{context}The checkpoint {folder} is corrupted or incomplete - {listing}. Fix: resume from another "
+        f"checkpoint with --resume_from_checkpoint <folder>{hint}, or delete this folder (a crash or a full disk "
+        "while saving leaves it half-written) and start again."
     )
 
 

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 
 from .arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
 from .checkpointing import (
-    STATE_FILE,
     check_launch,
     check_output_dir,
     load_training_checkpoint,
@@ -201,15 +200,10 @@ class PruningRun:
                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
     def find_resume_checkpoint(self) -> str | None:
-        """The checkpoint to resume from: only one of this run (same settings), see `resolve_resume_checkpoint`;
-        a checkpoint with a damaged file is refused here, naming the file (not deep inside the load)."""
-        from .integrity import refuse_damaged_checkpoint
-
-        path = resolve_resume_checkpoint(self.run_args.resume_from_checkpoint, self.output_dir, self.settings(),
+        """The checkpoint to resume from: only one of this run (same settings), with every file intact (a damaged
+        one is refused there, naming the file, not deep inside the load), see `resolve_resume_checkpoint`."""
+        return resolve_resume_checkpoint(self.run_args.resume_from_checkpoint, self.output_dir, self.settings(),
                                          self.settings_defaults())
-        if path is not None:
-            refuse_damaged_checkpoint(path, STATE_FILE)
-        return path
 
     # ------------------------------------------------------------------ stages
     def _param_groups(self, kind: str, total_steps: int):

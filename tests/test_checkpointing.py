@@ -139,10 +139,18 @@ def test_resume_with_other_settings_is_refused(base_dir, finished, tmp_path):
 
 
 def _fake_checkpoint(root, name, settings):
+    """A small checkpoint with every file resume checks (a model tensor, an optimizer state, the RNG states)."""
+    from safetensors.torch import save_file
+
     path = root / "checkpoints" / name
     path.mkdir(parents=True)
-    state = {"stage": 0, "epoch": 0, "checkpoint": {"format": checkpointing.CHECKPOINT_FORMAT, "settings": settings,
-                                                    "scheduler": {}}}
+    save_file({"w": torch.zeros(2)}, str(path / checkpointing.MODEL_FILE))
+    torch.save({"state": {}, "param_groups": []}, path / checkpointing.OPTIMIZER_FILE)
+    for rank in range(settings["world_size"]):
+        (path / checkpointing.RNG_FILE.format(rank=rank)).write_text(json.dumps(checkpointing.rng_state()))
+    state = {"stage": 0, "epoch": 0, "history": [], "timings": {},
+             "checkpoint": {"format": checkpointing.CHECKPOINT_FORMAT, "settings": settings, "scheduler": {},
+                            "accelerator_step": 0}}
     (path / "trainer_state.json").write_text(json.dumps(state))
     return str(path)
 

@@ -227,7 +227,9 @@ def test_save_to_disk_folder(tmp_path):
     data = load_image_dataset(str(tmp_path / "saved"), validation_fraction=0.25)
     assert data.num_labels == 3 and data.label_names == ["0", "1", "2"]
     assert (len(data.train), len(data.validation), len(data.test)) == (9, 3, 6)
-    assert data.train.features["image"] == datasets.Image(mode="RGB")
+    # stored undecoded; the library decodes on access (one path for every source)
+    assert data.train.features["image"] == datasets.Image(decode=False)
+    assert data.train[0]["image"].mode == "RGB"
 
 
 # ------------------------------------------------------------------ Hub ids (load_dataset mocked)
@@ -400,3 +402,125 @@ def test_collate_fn_and_dataloader_errors():
     ds = datasets.Dataset.from_dict({"img": _images(2), "y": [0, 1]})
     with pytest.raises(ValueError, match="columns 'image' and 'label'"):
         make_dataloader(ds, input_size=8, train_transform=False, batch_size=2, shuffle=False)
+
+
+# ------------------------------------------------------------------ one decoding path for every source
+
+# mode: (the image's pixel values, tiled along each row; the RGB each must decode to). The 16-bit and 32-bit
+# values are scaled to 8 bits (65535 -> 255), float images in [0, 1] are multiplied by 255, alpha is dropped.
+MODE_CASES = {
+    "1": ([0, 1], [(0, 0, 0), (255, 255, 255)]),
+    "L": ([0, 77, 255], [(0, 0, 0), (77, 77, 77), (255, 255, 255)]),
+    "LA": ([(77, 0), (200, 255)], [(77, 77, 77), (200, 200, 200)]),
+    "P": ([0, 1, 2], [(200, 100, 50), (10, 20, 30), (0, 0, 255)]),
+    "RGB": ([(10, 20, 30), (250, 0, 128)], [(10, 20, 30), (250, 0, 128)]),
+    "RGBA": ([(10, 20, 30, 0), (250, 0, 128, 255)], [(10, 20, 30), (250, 0, 128)]),
+    "CMYK": ([(0, 0, 0, 0), (0, 255, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)],
+             [(255, 255, 255), (255, 0, 255), (0, 255, 255), (0, 0, 0)]),
+    "I;16": ([0, 25700, 32768, 65535], [(0, 0, 0), (100, 100, 100), (128, 128, 128), (255, 255, 255)]),
+    "I;16B": ([0, 25700, 16384, 65535], [(0, 0, 0), (100, 100, 100), (64, 64, 64), (255, 255, 255)]),
+    "I": ([0, 25700, 65535], [(0, 0, 0), (100, 100, 100), (255, 255, 255)]),
+    "F": ([0.0, 0.2, 1.0], [(0, 0, 0), (51, 51, 51), (255, 255, 255)]),
+}
+_RAW = {"I;16": "<u2", "I;16B": ">u2", "I": "=i4", "F": "=f4"}
+# PNG cannot hold CMYK, big-endian 16-bit, 32-bit int or float images; TIFF keeps each of them in its mode.
+_FILE_FORMAT = {"CMYK": "TIFF", "I;16B": "TIFF", "I": "TIFF", "F": "TIFF"}
+
+
+def _mode_image(mode):
+    """A square image of `mode`, one side length per mode (so a decoded image tells which mode it was)."""
+    values, _ = MODE_CASES[mode]
+    n = 4 + list(MODE_CASES).index(mode)
+    tiled = np.array([values[c % len(values)] for c in range(n)])
+    arr = np.broadcast_to(tiled, (n,) + tiled.shape)
+    if mode == "1":
+        return PILImage.fromarray(arr.astype(bool))
+    img = PILImage.frombytes(mode, (n, n), np.ascontiguousarray(arr).astype(_RAW.get(mode, np.uint8)).tobytes())
+    if mode == "P":
+        img.putpalette([200, 100, 50, 10, 20, 30, 0, 0, 255] + [0] * 759)
+    return img
+
+
+def _expected_rgb(n):
+    mode = list(MODE_CASES)[n - 4]
+    _, rgb = MODE_CASES[mode]
+    return mode, np.broadcast_to(np.array([rgb[c % len(rgb)] for c in range(n)], np.uint8), (n, n, 3))
+
+
+def _assert_decoded(data):
+    seen = set()
+    for split in ("train", "validation", "test"):
+        ds = data[split]
+        for i in range(len(ds)):
+            image = ds[i]["image"]
+            mode, want = _expected_rgb(image.size[0])
+            assert image.mode == "RGB", (split, mode)
+            assert np.array_equal(np.asarray(image), want), (split, mode, np.asarray(image)[0].tolist())
+            # the training loader decodes the same way (a same-size Resize leaves the pixels as they are)
+            n = image.size[0]
+            batch = next(iter(make_dataloader(ds.select([i]), input_size=n, train_transform=False, batch_size=1,
+                                              shuffle=False)))
+            pixels = (batch["pixel_values"][0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            assert np.array_equal(pixels, want), (split, mode, "loader")
+            seen.add(mode)
+    assert seen == set(MODE_CASES)
+
+
+def _mode_files(root):
+    """train/ and test/, each with classes a/ and b/ holding one file of every mode; returns the file paths."""
+    paths = []
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            for mode in MODE_CASES:
+                fmt = _FILE_FORMAT.get(mode, "PNG")
+                path = root / split / cls / f"{mode.replace(';', '_')}.{fmt.lower()}"
+                _save_as(_mode_image(mode), path, fmt)
+                assert PILImage.open(path).mode == mode  # the file really holds that mode
+                paths.append((split, cls, path))
+    return paths
+
+
+def _save_as(img, path, fmt):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt)
+
+
+def test_every_mode_and_bit_depth_decodes_the_same_through_every_source(tmp_path, monkeypatch):
+    files = _mode_files(tmp_path / "folder")
+    # an image folder (the `imagefolder` builder)
+    _assert_decoded(load_image_dataset(str(tmp_path / "folder"), validation_fraction=0.25))
+
+    # a folder written by save_to_disk, from in-memory images (datasets encodes them itself)
+    def split_of(name, images):
+        n = len(images)
+        return datasets.Dataset.from_dict(
+            {"image": images, "label": [i % 2 for i in range(n)]},
+            features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])}))
+
+    images = [_mode_image(mode) for mode in MODE_CASES for _ in range(2)]
+    datasets.DatasetDict(train=split_of("train", images), test=split_of("test", images)).save_to_disk(
+        str(tmp_path / "saved"))
+    _assert_decoded(load_image_dataset(str(tmp_path / "saved"), validation_fraction=0.25))
+
+    # a Hub data set (parquet rows hold the file bytes; the declared feature may ask for a mode of its own)
+    def hub_split(split):
+        rows = [(path.read_bytes(), path.name, cls) for s, cls, path in files if s == split]
+        return datasets.Dataset.from_dict(
+            {"img": [{"bytes": b, "path": name} for b, name, _ in rows], "label": [c for _, _, c in rows]},
+            features=datasets.Features({"img": datasets.Image(mode="RGB"), "label": datasets.Value("string")}))
+
+    _fake_hub(monkeypatch, datasets.DatasetDict(train=hub_split("train"), test=hub_split("test")))
+    _assert_decoded(load_image_dataset("some-org/all-modes", validation_fraction=0.25))
+
+
+def test_builtin_sets_decode_to_their_source_values():
+    data = load_image_dataset("digits")
+    x, _y = D._digits_arrays()
+    rest, test = D._last_fraction_per_class(_y, 0.2)
+    source = {"train": x[rest], "test": x[test]}
+    for split in ("train", "validation", "test"):
+        src, idx = data.source_indices[split]
+        for i in (0, len(idx) - 1):
+            image = data[split][i]["image"]
+            assert image.mode == "RGB"
+            assert np.array_equal(np.asarray(image), np.repeat(source[src][idx[i]][..., None], 3, axis=2))

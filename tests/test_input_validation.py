@@ -271,7 +271,21 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(base_dir, finished_run,
         run_pruning(*_run_args(base_dir, out, resume_from_checkpoint="latest"))
 
 
-def test_damaged_state_file_is_skipped_by_latest_and_named_when_asked_for(base_dir, finished_run, tmp_path):
+_DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "not a state": lambda data: b'{"python": [3, [1, 2], null], "numpy": [], "torch": "AAAA"}',
+    "missing": None,
+}
+
+
+@pytest.mark.parametrize("victim", ["trainer_state.json", "rng_state_0.json"])
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_damaged_state_or_rng_file_is_named_by_latest_and_when_asked_for(base_dir, finished_run, tmp_path, victim,
+                                                                         damage):
+    """The run state and the RNG state are checked like the weights before anything is resumed: `latest` does not
+    skip to an older checkpoint (that silently redid finished epochs, and exited 0), and an explicit folder gets the
+    same error, naming the file, why, and the intact checkpoints beside it."""
     import shutil
 
     from prompt_sparsity.training import run_pruning
@@ -279,13 +293,17 @@ def test_damaged_state_file_is_skipped_by_latest_and_named_when_asked_for(base_d
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     ckpt = out / "checkpoints" / "stage1-epoch0"
-    data = (ckpt / "trainer_state.json").read_bytes()
-    (ckpt / "trainer_state.json").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"trainer_state\.json"):
-        run_pruning(*_run_args(base_dir, out, resume_from_checkpoint=str(ckpt)))
-    # 'latest' only considers checkpoints whose state it can read: the intact one before it
-    results = run_pruning(*_run_args(base_dir, out, resume_from_checkpoint="latest"))
-    assert results["accuracy"]["validation"]
+    if _DAMAGE[damage] is None:
+        (ckpt / victim).unlink()
+    else:
+        (ckpt / victim).write_bytes(_DAMAGE[damage]((ckpt / victim).read_bytes()))
+    why = "missing" if damage == "missing" else ""
+    for resume in ("latest", str(ckpt)):
+        with pytest.raises(ValueError, match=rf"checkpoint .*stage1-epoch0 is corrupted or incomplete - {victim}: "
+                                             rf"{why}.*intact ones next to it: stage0-epoch0"):
+            run_pruning(*_run_args(base_dir, out, resume_from_checkpoint=resume))
+    assert not (out / "results.json").exists() or (out / "results.json").read_bytes() == (
+        finished_run / "results.json").read_bytes()  # the saved run is untouched
 
 
 def _three_class_folder(root):
