@@ -30,7 +30,10 @@ class ModelArguments:
     prompt_method: Literal["pad", "fix", "random", "expand", "none"] | None = field(
         default=None, metadata={"help": "The visual prompt (default: the method's own, pad for VPNs)."}
     )
-    input_size: int = field(default=48, metadata={"help": "Images are resized to this size (paper: 224)."})
+    input_size: int | None = field(
+        default=None, metadata={"help": "Images are resized to this size (default: the size the model's image "
+                                        "processor gives, else its config's; the embedded demo: 48)."}
+    )
     output_size: int | None = field(default=None, metadata={"help": "Prompt canvas size (default: input_size)."})
     pad_size: int = field(default=4, metadata={"help": "Width of the 'pad' prompt frame (paper: 16 at 224)."})
     mask_size: int = field(default=40, metadata={"help": "Side of the 'fix'/'random' prompt square."})
@@ -53,8 +56,12 @@ class DataArguments:
     image_column: str | None = field(default=None, metadata={"help": "Image column (detected if not given)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (detected if not given)."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Held out of train for validation."})
-    max_train_samples: int | None = field(default=2000, metadata={"help": "Class-balanced training subset."})
-    max_eval_samples: int | None = field(default=1000, metadata={"help": "Subset of validation and of test."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Class-balanced training subset (default: all; the embedded demo: 2000)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Subset of validation and of test (default: all; the embedded demo: 1000)."}
+    )
     per_device_train_batch_size: int = field(default=64)
     per_device_eval_batch_size: int = field(default=128)
     dataloader_num_workers: int = field(default=1)

@@ -47,6 +47,7 @@ from .optim import (
     resolve_lr,
     schedule_fn,
 )
+from .settings import effective_settings, format_settings
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class PruningRun:
                  f"{len(self.data.validation)}/{len(self.data.test)}, {self.data.num_labels} classes; {what}")
         if any(getattr(step, "rewind", False) for step in self.method.plan):  # OMP, IMP (`Rounds`)
             self._pretrained_state = {k: v.detach().clone() for k, v in self.model.model.state_dict().items()}
-        s, bs = margs.input_size, dargs.per_device_train_batch_size
+        s, bs = self.model.config.input_size, dargs.per_device_train_batch_size  # resolved from the model if unset
         workers = dargs.dataloader_num_workers
         train = self.data.train
         # Two independently shuffled views of the training split (VPNS.md §6).
@@ -511,6 +512,7 @@ class PruningRun:
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
         self.build()
+        self.log(format_settings(effective_settings(self)))  # once: what the data and the model decided
         acc.init_trackers(self.name, config={k: str(v) for k, v in self.all_args().items()})
         if "dense_pretrained" not in self.state:  # before any pruning step touches the model
             wanted = self.model_args.head == "pretrained" and self.run_args.dense_reference and self.run_args.eval_test
@@ -572,7 +574,7 @@ class PruningRun:
                         "test": len(self.data.test)},
             "prompt_method": self.prompt_method,
             "steps": self.steps,
-            "input_size": self.model_args.input_size,
+            "input_size": self.model.config.input_size,
             "sparsity_target": self.sparsity,
             "sparsity": report["global"],
             "pruned_weights": report["pruned"],
@@ -597,6 +599,7 @@ class PruningRun:
             "masks_identical_across_ranks": len(set(digests)) == 1,
             "seed": self.run_args.seed,
             "args": self.all_args(),
+            "effective_settings": effective_settings(self),
             **structured,
         }
 
