@@ -91,3 +91,102 @@ def test_a_60_image_folder_uses_all_60_images_at_the_models_size(base_with_proce
     assert settings["samples"] == results["samples"]
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("settings: ")]
     assert len(logged) == 1 and "input 24 px from the model" in logged[0]
+
+
+# ------------------------------------------------------------------------------------------------ 5. errors
+def run_recipe_process(*args, launcher=(), timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *launcher, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+
+
+def test_pass_budget_error_is_one_line_in_flag_names(tmp_path):
+    base = tmp_path / "base"
+    tiny_model("resnet_basic").save_pretrained(base)
+    proc = run_recipe_process(
+        os.path.join(RECIPES, "pass.py"), "--model_name_or_path", str(base), "--dataset_name", "digits",
+        "--flops_ratio", "0.05", "--min_channels", "8", "--input_size", "16", "--max_train_samples", "32",
+        "--max_eval_samples", "16", "--max_steps_per_epoch", "1", "--dataloader_num_workers", "0", "--cpu",
+        "--no_dense_reference", "--output_dir", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert line.startswith("recipes/pass.py: error: ") and "--flops_ratio" in line and "--min_channels" in line
+    assert "target_ratio" not in line
+
+
+def test_debug_keeps_the_traceback(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    plain = run_recipe_process(os.path.join(RECIPES, "vpns.py"), "--model_name_or_path", missing)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    [line] = error_lines(plain.stderr)
+    assert missing in line and "Fix:" in line
+    debug = run_recipe_process(os.path.join(RECIPES, "vpns.py"), "--model_name_or_path", missing, "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and missing in debug.stderr
+
+
+def test_one_line_error_under_accelerate_launch(tmp_path):
+    """accelerate's launcher adds its own CalledProcessError trace unless `-q`: with it, the one line is all."""
+    proc = run_recipe_process("-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
+                              "--mixed_precision", "no", "--dynamo_backend", "no",
+                              os.path.join(RECIPES, "vpns.py"), "--sparsity", "1.5")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [line] = error_lines(proc.stderr)
+    assert line == ("recipes/vpns.py: error: --sparsity=1.5 is invalid: it must be in [0, 1): the fraction of weights "
+                    "removed, e.g. 0.9. (see --help)")
+
+
+# ------------------------------------------------------------------------------------------------ 2. --help
+@pytest.mark.parametrize("name", ["vpns", "pass", "transfer"])
+def test_help_is_grouped_with_every_default(name):
+    from prompt_sparsity.cli import GROUP_TITLES, RecipeParser
+
+    groups = recipe("common").ARGUMENT_GROUPS
+    if name == "transfer":
+        from prompt_sparsity.transfer import TransferArguments
+
+        groups += (TransferArguments,)
+    parser = RecipeParser(groups, name)
+    text = parser.format_help()
+    for group in groups:
+        assert f"\n{GROUP_TITLES[group.__name__]}:\n" in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in formatter._get_help_string(action).lower(), action.dest
+    options = {s for a in parser._actions for s in a.option_strings}
+    used = {"vpns": ("--sparsity", "--nm_pattern"), "pass": ("--flops_ratio", "--min_channels", "--score_lr"),
+            "transfer": ("--subnetwork", "--finetune_lr")}[name]
+    ignored = {"vpns": ("--flops_ratio", "--hypernet_lr"), "pass": ("--sparsity", "--nm_pattern", "--bip_gamma"),
+               "transfer": ("--sparsity", "--input_size", "--method", "--score_lr")}[name]
+    assert set(used) <= options and not set(ignored) & options
+
+
+def test_options_a_recipe_ignores_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recipe("transfer").main(["--subnetwork", "x", "--sparsity", "0.5"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recipes/transfer.py: error: --sparsity is not used by recipes/transfer.py") and "\n" not in err
+    with pytest.raises(SystemExit):
+        recipe("vpns").main(["--flops_ratio", "0.5"])
+    assert "use recipes/pass.py" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ 3. HF names
+def test_unknown_options_get_a_did_you_mean(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recipe("vpns").main(["--max_train_sample", "3", "--learning_rate", "0.1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown option --max_train_sample; did you mean --max_train_samples?" in err
+    assert "--learning_rate (a transformers example-script option)" in err and "--finetune_lr" in err
+
+
+def test_hf_example_script_names_are_accepted(parse):
+    _, data, _, _ = parse(["--image_column_name", "img", "--label_column_name", "y", "--train_val_split", "0.2"])
+    assert (data.image_column, data.label_column, data.validation_fraction) == ("img", "y", 0.2)
