@@ -40,6 +40,14 @@ class ModelArguments:
     prompt_at_inference: bool = field(
         default=True, metadata={"help": "Whether the saved model applies the prompt at inference."}
     )
+    # The transformers example scripts' loading options (the Hub token is not a setting: the recipes take --token
+    # into HF_TOKEN, so that it is never written to results.json or a checkpoint).
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where downloaded models and data sets are stored (default: the HF cache)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow a Hub model to run its own modelling code (read it first)."}
+    )
 
     def __post_init__(self):  # value checks at argument time, naming the flag
         for name in ("input_size", "output_size"):
@@ -65,8 +73,19 @@ class DataArguments:
     per_device_train_batch_size: int = field(default=64)
     per_device_eval_batch_size: int = field(default=128)
     dataloader_num_workers: int = field(default=1)
+    train_dir: str | None = field(
+        default=None, metadata={"help": "An image folder (one subfolder per class) to train on, as in the "
+                                        "transformers example scripts; instead of --dataset_name."}
+    )
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "An image folder to validate on (needs --train_dir; default: held out of it)."}
+    )
 
     def __post_init__(self):
+        if self.validation_dir and not self.train_dir:
+            raise ValueError("--validation_dir needs --train_dir (the folder to train on).")
+        if self.train_dir:  # the folders are the data set: the run is named after the training folder
+            self.dataset_name = self.train_dir
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "max_train_samples",
                      "max_eval_samples"):
             _require(self, name, lambda v: v is None or v > 0, "a positive integer")
@@ -264,10 +283,31 @@ class RunArguments:
     push_to_hub: bool = field(default=False)
     hub_model_id: str | None = field(default=None, metadata={"help": "Default: a name derived from the run."})
     hub_private: bool = field(default=False)
+    # The transformers example scripts' names.
+    with_tracking: bool = field(default=False, metadata={"help": "Log to trackers (--report_to, default all then)."})
+    checkpointing_steps: str | None = field(
+        default=None, metadata={"help": "'epoch' (= --checkpointing) or 'no' (= --no_checkpointing); checkpoints are "
+                                        "saved at the end of each epoch only."}
+    )
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Iterations of each training stage; overrides its epochs (default: epochs)."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Forward/backward passes per optimizer step (the global batch grows by it)."}
+    )
 
     def __post_init__(self):
         _require(self, "max_steps_per_epoch", lambda v: v is None or v > 0, "a positive integer")
         _require(self, "torch_threads", lambda v: v is None or v > 0, "a positive integer")
+        _require(self, "max_train_steps", lambda v: v is None or v > 0, "a positive integer")
+        _require(self, "gradient_accumulation_steps", lambda v: v > 0, "a positive integer")
+        if self.with_tracking and self.report_to == "none":
+            self.report_to = "all"
+        if self.checkpointing_steps is not None:
+            if self.checkpointing_steps not in ("epoch", "no"):
+                raise ValueError(f"--checkpointing_steps={self.checkpointing_steps!r}: checkpoints are saved at the "
+                                 "end of an epoch; use 'epoch' (or 'no' for none).")
+            self.checkpointing = self.checkpointing_steps == "epoch"
 
 
 def _require(args, name: str, ok, what: str) -> None:

@@ -41,7 +41,7 @@ CHECKPOINT_FORMAT = 2  # 1 = accelerate's save_state with a pickled scheduler (n
 NOT_SETTINGS = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "checkpointing", "report_to", "torch_threads",
     "cpu", "push_to_hub", "hub_model_id", "hub_private", "dataloader_num_workers", "per_device_eval_batch_size",
-    "latency_batch_sizes",
+    "latency_batch_sizes", "with_tracking", "checkpointing_steps", "cache_dir",
 })
 # Settings that name a file or folder: compared as real paths, so `./base` and `/abs/base` are the same run.
 _PATH_SETTINGS = ("model_name_or_path", "dataset_name", "subnetwork")

@@ -143,7 +143,6 @@ HF_HINTS = {
     "num_warmup_steps": "--warmup_ratio",
     "ignore_mismatched_sizes": "--head new (a fresh classifier for your labels)",
     "mixed_precision": "`accelerate launch --mixed_precision ...` (a launcher option, before the recipe)",
-    "hub_token": "--token",
 }
 
 
@@ -187,6 +186,10 @@ class RecipeParser:
                          formatter_class=_DefaultsFormatter, allow_abbrev=False)
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                             help="Show the full traceback of an error (default: one line naming the fix, exit code 2).")
+        parser.add_argument("--token", "--hub_token", default=argparse.SUPPRESS,
+                            help="A Hugging Face token for private models, data sets and pushes; the recipes put it "
+                                 "in HF_TOKEN, so it is never written to results.json or a checkpoint (default: the "
+                                 "token of `hf auth login`).")
         parser.recipe, parser.ignored, parser.all_groups = recipe, ignored, groups
         return parser
 
@@ -271,6 +274,8 @@ def parse_recipe_args(argv: Sequence[str], groups, recipe: str | None = None, **
     if remaining:
         parser.error(unknown_option_message(parser, remaining))
     values = vars(namespace)
+    if "token" in values:  # never a setting: written nowhere, read by huggingface_hub and datasets
+        os.environ["HF_TOKEN"] = values.pop("token")
     try:  # the options a recipe leaves out keep their dataclass defaults
         args = tuple(g(**{f.name: values[f.name] for f in dataclasses.fields(g) if f.init and f.name in values})
                      for g in groups)

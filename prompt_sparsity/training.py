@@ -115,6 +115,7 @@ class PruningRun:
             cpu=run_args.cpu,
             log_with=None if run_args.report_to == "none" else run_args.report_to,
             project_dir=self.output_dir,
+            gradient_accumulation_steps=run_args.gradient_accumulation_steps,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         if self.accelerator.device.type == "cpu":
@@ -138,7 +139,7 @@ class PruningRun:
                 dargs.dataset_name, validation_fraction=dargs.validation_fraction, seed=self.run_args.seed,
                 max_train_samples=dargs.max_train_samples, max_eval_samples=dargs.max_eval_samples,
                 image_column=dargs.image_column, label_column=dargs.label_column,
-                config_name=dargs.dataset_config_name,
+                config_name=dargs.dataset_config_name, validation_dir=dargs.validation_dir, cache_dir=margs.cache_dir,
             )
             self.model = PromptedSparseModel.from_base(
                 margs.model_name_or_path, revision=margs.revision, head=margs.head,
@@ -154,6 +155,7 @@ class PruningRun:
                 nm_pattern=pargs.nm_pattern if self.method.sparse else None,
                 output_size=margs.output_size or margs.input_size, pad_size=margs.pad_size,
                 mask_size=margs.mask_size, prompt_at_inference=margs.prompt_at_inference and self.prompt_on,
+                cache_dir=margs.cache_dir, trust_remote_code=margs.trust_remote_code or None,
             )
         what = (f"{len(self.model.structure.units)} channel units" if self.model.structure is not None
                 else f"{self.model.sparsity.numel if self.model.sparsity else 0:,} prunable weights")
@@ -284,15 +286,22 @@ class PruningRun:
         epochs = int(getattr(pargs, stage.epochs_field))
         steps = stage.steps or self.steps
         iters = self.iterations_per_epoch(steps)
+        max_steps = self.run_args.max_train_steps if epochs > 0 else None  # HF: the steps decide the epochs
         if stage.iterations is not None:  # an IMP phase: its share of the epochs, in iterations
             epochs = math.ceil(stage.iterations / iters)
+        elif max_steps:
+            epochs = math.ceil(max_steps / iters)
         self._prepare_structure(stage.kind)
         if epochs <= 0:
             return
-        budget = stage.iterations if stage.iterations is not None else epochs * iters
+        budget = stage.iterations if stage.iterations is not None else (max_steps or epochs * iters)
         # A bilevel iteration steps each group once (weights on one view, scores on the other).
         per_iter = 2 if steps == "two" and stage.kind != "bilevel" else 1
-        total = max(1, budget * per_iter)
+        accumulation = self.run_args.gradient_accumulation_steps
+        if accumulation > 1 and stage.kind == "bilevel":
+            raise ValueError("--gradient_accumulation_steps does not apply to BiP's bi-level steps (a weight step "
+                             "and a score step per iteration): drop it, or raise --per_device_train_batch_size.")
+        total = max(1, math.ceil(budget * per_iter / accumulation))  # optimizer steps, which the schedules count
         optimizer, schedules = self._param_groups(stage.kind, total)
         warmup = int(pargs.warmup_ratio * total)
         fns = [schedule_fn(s, total, warmup) for s in schedules]
@@ -342,11 +351,13 @@ class PruningRun:
                     continue
                 for view, batch in zip(views, batches):
                     use_prompt = self.prompt_on and view is loader_a
-                    out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], use_prompt=use_prompt)
-                    acc.backward(out.loss)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    with acc.accumulate(model):  # --gradient_accumulation_steps: the optimizer steps on every N-th
+                        out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], use_prompt=use_prompt)
+                        acc.backward(out.loss)
+                        optimizer.step()
+                        if acc.sync_gradients:
+                            scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
                     running += float(out.loss.detach())
                     images += batch["labels"].shape[0] * acc.num_processes
                 bar.update(1)
@@ -613,6 +624,7 @@ class PruningRun:
         dense = PromptedSparseModel.from_base(
             margs.model_name_or_path, revision=margs.revision, head=margs.head,
             id2label=self.data.id2label if margs.head == "new" else None, sparsity_type="none",
+            cache_dir=margs.cache_dir, trust_remote_code=margs.trust_remote_code or None,
         ).model
         latency = None
         if self.accelerator.is_main_process:

@@ -190,3 +190,39 @@ def test_unknown_options_get_a_did_you_mean(capsys):
 def test_hf_example_script_names_are_accepted(parse):
     _, data, _, _ = parse(["--image_column_name", "img", "--label_column_name", "y", "--train_val_split", "0.2"])
     assert (data.image_column, data.label_column, data.validation_fraction) == ("img", "y", 0.2)
+
+
+def test_hf_run_options_parse(parse, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    model, data, _, run = parse(["--with_tracking", "--checkpointing_steps", "no", "--token", "hf_secret",
+                                 "--cache_dir", "/tmp/c", "--trust_remote_code", "--gradient_accumulation_steps", "4",
+                                 "--max_train_steps", "10"])
+    assert run.report_to == "all" and run.checkpointing is False
+    assert (run.gradient_accumulation_steps, run.max_train_steps) == (4, 10)
+    assert (model.cache_dir, model.trust_remote_code) == ("/tmp/c", True)
+    assert os.environ["HF_TOKEN"] == "hf_secret"  # for huggingface_hub and datasets; never a setting
+    assert not any("hf_secret" in str(v) for g in (model, data, run) for v in vars(g).values())
+    with pytest.raises(SystemExit):
+        parse(["--checkpointing_steps", "500"])  # per-step checkpoints: refused, not ignored
+
+
+def test_train_dir_validation_dir_accumulation_and_max_train_steps(base_with_processor, folder_of_60, tmp_path):
+    validation = tmp_path / "val"
+    for c in range(3):
+        os.makedirs(validation / f"class{c}")
+        for i in range(4):
+            PILImage.new("RGB", (12, 12), (80 * c, 40, 40)).save(validation / f"class{c}" / f"{i}.png")
+    out = tmp_path / "run"
+    recipe("vpns").main(["--model_name_or_path", base_with_processor, "--train_dir", folder_of_60,
+                         "--validation_dir", str(validation), "--search_epochs", "1", "--finetune_epochs", "1",
+                         "--max_train_steps", "3", "--gradient_accumulation_steps", "2",
+                         "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0", "--pad_size", "2",
+                         "--cpu", "--torch_threads", "1", "--sparsity", "0.5", "--output_dir", str(out)])
+    results = json.load(open(out / "results.json"))
+    assert results["samples"]["train"] + results["samples"]["validation"] + results["samples"]["test"] == 72
+    assert results["effective_settings"]["total_train_batch_size"] == 16
+    # 3 iterations of 2 views = 6 passes per stage, 2 per optimizer step: 3 scheduler steps, over 1 epoch of 7.
+    for stage in ("stage0-epoch0", "stage1-epoch0"):
+        state = json.load(open(out / "checkpoints" / stage / "trainer_state.json"))
+        assert state["checkpoint"]["scheduler"]["last_epoch"] == 3, stage
+    assert [h["epoch"] for h in results["history"]] == [0, 0]
