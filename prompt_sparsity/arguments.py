@@ -271,8 +271,10 @@ class RunArguments:
     dense_reference: bool = field(default=True, metadata={"help": "Also report the pretrained dense model + FLM "
                                                                    "on the test split (a floor; one extra pass)."})
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
-    report_to: Literal["none", "all", "tensorboard", "wandb"] = field(
-        default="none", metadata={"help": "Accelerate trackers."}
+    report_to: Literal["none", "all", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive",
+                       "aim", "swanlab"] = field(
+        default="none", metadata={"help": "A tracker accelerate supports (its package must be installed; TensorBoard: "
+                                          "the 'tracking' extra), or all installed ones."}
     )
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when an accelerator is present."})
     torch_threads: int | None = field(

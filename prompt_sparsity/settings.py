@@ -30,7 +30,21 @@ def effective_settings(run) -> dict[str, Any]:
         "epochs": {s.kind: int(getattr(run.prune_args, s.epochs_field))
                    for s in run.method.plan if hasattr(s, "epochs_field")},
         "seed": run.run_args.seed,
+        "framework_versions": framework_versions(),
     }
+
+
+def framework_versions() -> dict[str, str]:
+    """The versions a run trained with (for results.json and the model card)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("prompt-sparsity", "torch", "transformers", "accelerate", "datasets", "timm"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def format_settings(s: dict[str, Any]) -> str:

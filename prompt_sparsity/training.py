@@ -47,7 +47,9 @@ from .optim import (
     resolve_lr,
     schedule_fn,
 )
+from .plots import write_training_curves
 from .settings import effective_settings, format_settings
+from .tracking import check_trackers, log_epoch, log_step, subnetwork_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class PruningRun:
         if self.method.structured:
             self.name = self.name.rsplit("-s", 1)[0] + f"-f{round(prune_args.flops_ratio * 100)}"
         self.output_dir = run_args.output_dir or os.path.join("outputs", self.name)
+        check_trackers(run_args.report_to)  # a missing tracker package: an error now, not a warning and no logs
         self.accelerator = Accelerator(
             cpu=run_args.cpu,
             log_with=None if run_args.report_to == "none" else run_args.report_to,
@@ -216,7 +219,10 @@ class PruningRun:
         pargs, model = self.prune_args, self.model
         prompt_params = [p for p in model.prompt.parameters()] if self.prompt_on else []
 
+        names = []
+
         def group(params, lr_field, rule, optimizer, schedule, weight_decay=0.0):
+            names.append(lr_field)
             lr = resolve_lr(getattr(pargs, lr_field), rule, total_steps, lr_field)
             self.state.setdefault("learning_rates", {})[f"{kind}/{lr_field}"] = lr
             return ({"params": params, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer}, schedule)
@@ -253,6 +259,7 @@ class PruningRun:
                 spec.append(group(prompt_params, "finetune_prompt_lr", None, pargs.finetune_prompt_optimizer,
                                   pargs.finetune_prompt_schedule, pargs.finetune_weight_decay))
         groups, schedules = [g for g, _ in spec], [s for _, s in spec]
+        self._param_group_names = names  # for the trackers' lr per group
         return build_optimizer(groups, momentum=pargs.momentum), schedules
 
     def _prepare_structure(self, kind: str) -> None:
@@ -357,6 +364,7 @@ class PruningRun:
                         optimizer.step()
                         if acc.sync_gradients:
                             scheduler.step()
+                            log_step(acc, stage.kind, out.loss, optimizer, self._param_group_names)
                         optimizer.zero_grad(set_to_none=True)
                     running += float(out.loss.detach())
                     images += batch["labels"].shape[0] * acc.num_processes
@@ -367,8 +375,8 @@ class PruningRun:
             record = {"stage": stage_idx, "kind": stage.kind, "epoch": epoch,
                       "train_loss": running / max(1, n_iters * len(views)), **metrics}
             self.state["history"].append(record)
-            acc.log({f"{stage.kind}/{k}": v for k, v in record.items() if isinstance(v, float)},
-                    step=len(self.state["history"]))
+            log_epoch(acc, {**{f"{stage.kind}/{k}": v for k, v in record.items() if isinstance(v, float)},
+                            **subnetwork_scalars(self.model)})
             self.log(f"[{stage.kind} epoch {epoch + 1}/{epochs}] " +
                      ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
             self.state.update(stage=stage_idx, epoch=epoch)
@@ -545,6 +553,7 @@ class PruningRun:
         final = {split: self.evaluate_split(split)
                  for split in ("validation", "test") if split == "validation" or self.run_args.eval_test}
         results = self.results(final, time.perf_counter() - t_start)
+        log_epoch(acc, {f"final/{k}": v for split in final.values() for k, v in split.items()})
         self.save(results)
         acc.end_training()
         return results
@@ -649,6 +658,7 @@ class PruningRun:
 
                 model.save_pretrained(staging, save_function=acc.save)
                 write_json_atomic(os.path.join(staging, "results.json"), results)
+                write_training_curves(staging, results)  # before the card, which links it
                 write_model_card(staging)  # the card save_pretrained wrote, now with the run's results
 
             publish_output(self.output_dir, write)

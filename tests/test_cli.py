@@ -226,3 +226,44 @@ def test_train_dir_validation_dir_accumulation_and_max_train_steps(base_with_pro
         state = json.load(open(out / "checkpoints" / stage / "trainer_state.json"))
         assert state["checkpoint"]["scheduler"]["last_epoch"] == 3, stage
     assert [h["epoch"] for h in results["history"]] == [0, 0]
+
+
+# ------------------------------------------------------------------------------------------------ 4./6. trackers, plots, card
+def test_tensorboard_scalars_plot_and_card(base_with_processor, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    recipe("vpns").main(["--model_name_or_path", base_with_processor, "--dataset_name", "digits",
+                         "--max_train_samples", "32", "--max_eval_samples", "16", "--search_epochs", "1",
+                         "--finetune_epochs", "1", "--max_steps_per_epoch", "2", "--per_device_train_batch_size", "16",
+                         "--dataloader_num_workers", "0", "--pad_size", "2", "--cpu", "--torch_threads", "1",
+                         "--sparsity", "0.5", "--report_to", "tensorboard", "--output_dir", str(out)])
+    events = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.startswith("events.out")]
+    scalars = {}
+    for path in events:
+        reader = EventAccumulator(path).Reload()
+        for tag in reader.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(reader.Scalars(tag))
+    assert {"search/step_loss", "search/lr/score_lr", "search/lr/search_prompt_lr", "finetune/step_loss",
+            "finetune/lr/finetune_lr", "search/validation_accuracy_prompt", "subnetwork/sparsity",
+            "final/test_accuracy_prompt"} <= set(scalars), sorted(scalars)
+    assert [e.step for e in scalars["search/step_loss"]] == [1, 2, 3, 4]  # 2 iterations x 2 views
+    assert [e.step for e in scalars["finetune/step_loss"]] == [5, 6, 7, 8]
+    assert scalars["subnetwork/sparsity"][-1].value == pytest.approx(0.5, abs=0.01)
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    card = (out / "README.md").read_text()
+    assert "![training curves](training_curves.png)" in card and "Framework versions: " in card
+    assert "Learning rates: " in card and "transformers" in card
+
+
+def test_missing_tracker_package_is_refused_before_training(parse, monkeypatch, tmp_path):
+    import accelerate.tracking
+
+    from prompt_sparsity.training import run_pruning
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    args = parse(["--dataset_name", "digits", "--report_to", "wandb", "--output_dir", str(tmp_path / "r")])
+    with pytest.raises(ImportError, match="pip install wandb"):
+        run_pruning(*args)
+    assert not (tmp_path / "r").exists()
