@@ -466,4 +466,6 @@ def check_launch(num_processes: int, environ: Mapping[str, str] | None = None,
     """Raise if `accelerate launch` silently started one process instead of the several asked for."""
     message = lost_processes_message(num_processes, environ, parent_cmdline)
     if message:
-        raise RuntimeError(message)
+        from .cli import UserError  # a RuntimeError the recipes print on one line
+
+        raise UserError(message)
