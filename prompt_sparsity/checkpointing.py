@@ -43,7 +43,7 @@ CHECKPOINT_FORMAT = 2  # 1 = accelerate's save_state with a pickled scheduler (n
 NOT_SETTINGS = frozenset({
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "checkpointing", "report_to", "torch_threads",
     "cpu", "push_to_hub", "hub_model_id", "hub_private", "dataloader_num_workers", "per_device_eval_batch_size",
-    "latency_batch_sizes",
+    "latency_batch_sizes", "with_tracking", "checkpointing_steps", "cache_dir",
 })
 # Settings that name a file or folder: compared as real paths, so `./base` and `/abs/base` are the same run.
 _PATH_SETTINGS = ("model_name_or_path", "dataset_name", "subnetwork")
@@ -585,4 +585,6 @@ def check_launch(num_processes: int, environ: Mapping[str, str] | None = None,
     """Raise if `accelerate launch` silently started one process instead of the several asked for."""
     message = lost_processes_message(num_processes, environ, parent_cmdline)
     if message:
-        raise RuntimeError(message)
+        from .cli import UserError  # a RuntimeError the recipes print on one line
+
+        raise UserError(message)

@@ -490,6 +490,19 @@ def _load_local_folder(path: str, cache_dir: Optional[str], config_name: Optiona
     return loaded
 
 
+def _load_train_validation_folders(train_dir: str, validation_dir: str,
+                                   cache_dir: Optional[str]) -> Mapping[str, "datasets.Dataset"]:
+    """Two image folders (one subfolder per class each) as the train and validation splits."""
+    import datasets
+
+    for what, folder in (("train", train_dir), ("validation", validation_dir)):
+        if not os.path.isdir(folder):
+            raise ValueError(f"The {what} folder {folder!r} does not exist. Fix: check the path (an image folder with "
+                             "one subfolder per class).")
+    files = {"train": os.path.join(train_dir, "**"), "validation": os.path.join(validation_dir, "**")}
+    return datasets.load_dataset("imagefolder", data_files=files, cache_dir=cache_dir, drop_labels=False)
+
+
 def _load_hub_dataset(name: str, cache_dir: Optional[str], config_name: Optional[str]) -> Mapping[str, "datasets.Dataset"]:
     import datasets
     from datasets.exceptions import DatasetNotFoundError
@@ -822,6 +835,7 @@ def load_image_dataset(
     label_column: Optional[str] = None,
     test_fraction: float = 0.1,
     config_name: Optional[str] = None,
+    validation_dir: Optional[str] = None,
 ) -> ImageClassificationData:
     """Load an image-classification data set with standardised train/validation/test splits.
 
@@ -840,6 +854,8 @@ def load_image_dataset(
             a validation split (e.g. an image folder with only class subfolders). If the source
             has a validation but no test split, its validation split becomes the test split.
         config_name: the Hub data set's configuration, if it has several.
+        validation_dir: an image folder of validation images beside the training folder `name_or_path` (the
+            transformers example scripts' `--train_dir` / `--validation_dir`).
 
     Built-in sets: ``fashion_mnist`` keeps its official 60k/10k train/test split; ``mnist``
     (5,000 images) and ``digits`` (1,797) use a fixed test split - the last 20% of every class in
@@ -885,7 +901,10 @@ def load_image_dataset(
         display_name = builtin
     else:
         path = os.path.expanduser(raw)
-        if os.path.isdir(path):
+        if validation_dir is not None:
+            loaded = _load_train_validation_folders(path, os.path.expanduser(os.fspath(validation_dir)), cache_dir)
+            display_name = os.path.basename(os.path.normpath(path)) or path
+        elif os.path.isdir(path):
             loaded = _load_local_folder(path, cache_dir, config_name)
             display_name = os.path.basename(os.path.normpath(path)) or path
         elif os.path.exists(path):

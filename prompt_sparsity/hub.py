@@ -60,7 +60,8 @@ __all__ = [
 
 #: Files of a saved subnetwork that are pushed (when present); anything else in the folder (checkpoints/,
 #: logs, trainer state) stays local.
-SUBNETWORK_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "results.json")
+SUBNETWORK_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "results.json",
+                    "training_curves.png")
 _METADATA_FILES = ("config.json", "preprocessor_config.json", "results.json")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 _CARD = "README.md"
@@ -227,7 +228,8 @@ def _accuracies(results: Mapping) -> dict[str, dict[str, float]]:
     return out
 
 
-def _card_values(config: Mapping, results: Mapping | None, repo_id: str | None, folder_name: str) -> dict[str, str]:
+def _card_values(config: Mapping, results: Mapping | None, repo_id: str | None, folder_name: str,
+                 output_dir=None) -> dict[str, str]:
     from huggingface_hub import EvalResult, ModelCardData
 
     results = dict(results or {})
@@ -451,6 +453,7 @@ def _card_values(config: Mapping, results: Mapping | None, repo_id: str | None, 
                          f"device `{results.get('device', '?')}`")
     add("Mask SHA-256", f"`{results['mask_sha256']}`" if results.get("mask_sha256") else None)
     add("Seed", results.get("seed"))
+    details.extend(_training_details(results, output_dir))
 
     transfer = ["structure.*" if structured else "sparsity.*"] + (["prompt.*"] if prompt_on else [])
     return {
@@ -495,7 +498,7 @@ def render_model_card(output_dir: str | os.PathLike, repo_id: str | None = None,
         raise FileNotFoundError(f"{output_dir}: no config.json; save the model with save_pretrained(...) first.")
     results = _read_json(output_dir / "results.json")
     text = Path(template if template is not None else _TEMPLATE_PATH).read_text(encoding="utf-8")
-    values = _card_values(config, results, repo_id, output_dir.resolve().name)
+    values = _card_values(config, results, repo_id, output_dir.resolve().name, output_dir)
     card = _fill(text, values)
     card = re.sub(r"\n{3,}", "\n\n", card).rstrip() + "\n"
     if tags:
@@ -520,6 +523,30 @@ def write_model_card(output_dir: str | os.PathLike, repo_id: str | None = None) 
         return None
     path.write_text(render_model_card(output_dir, repo_id), encoding="utf-8")
     return path
+
+
+def _training_details(results: Mapping, output_dir) -> list[str]:
+    """Hyper-parameters, framework versions and the training curves of the run that made the subnetwork."""
+    lines = []
+    settings = results.get("effective_settings") or {}
+    if settings.get("per_device_train_batch_size"):
+        lines.append(f"- Batch size: {settings['per_device_train_batch_size']} per process x "
+                     f"{settings.get('num_processes', 1)} process(es) x {settings.get('gradient_accumulation_steps', 1)} "
+                     f"accumulation = {settings.get('total_train_batch_size')}")
+    if results.get("learning_rates"):
+        lines.append("- Learning rates: " + ", ".join(f"`{k}` {v:.3g}" for k, v in results["learning_rates"].items()))
+    args = results.get("args") or {}
+    keys = [k for k in sorted(args) if k.endswith(("_optimizer", "_schedule", "_weight_decay"))
+            or k in ("momentum", "warmup_ratio")]
+    if keys:
+        lines.append("- Optimisers and schedules: " + ", ".join(f"`{k}` {args[k]}" for k in keys))
+    versions = settings.get("framework_versions")
+    if versions:
+        lines.append("- Framework versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if output_dir is not None and (Path(output_dir) / "training_curves.png").is_file():
+        lines.append("- Training curves (accuracy and loss per epoch, the subnetwork's shape): "
+                     "![training curves](training_curves.png)")
+    return lines
 
 
 # ================================================================================================ push

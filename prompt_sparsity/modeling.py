@@ -345,7 +345,8 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
             refuse_subnetwork_as_base(base_model.config, name_or_path)
             base_model = copy.deepcopy(base_model)  # ours to train and to switch between train/eval
         mean, std = _normalisation_of(base_model.config, name_or_path, load_kwargs)
-        size = input_size or _native_size(base_model.config)
+        # Not given: the size the base model's own image processor feeds it (else its config's), never a fixed one.
+        size = input_size or _processor_input_size(name_or_path, load_kwargs) or _native_size(base_model.config)
         config = PromptedSparseConfig(
             base_config=base_model.config.to_dict(),
             base_model_name_or_path=name_or_path,
@@ -355,7 +356,8 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
             image_mean=image_mean or mean,
             image_std=image_std or std,
             input_size=size,
-            output_size=output_size or max(size, _native_size(base_model.config)),
+            # The model's own size (unset input_size) is its canvas too; a chosen smaller input pads onto the native.
+            output_size=output_size or (size if input_size is None else max(size, _native_size(base_model.config))),
             id2label=dict(base_model.config.id2label),
             **kwargs,
         )
@@ -791,6 +793,44 @@ def _normalisation_of(
 
 def _processor_mean_std(path: str, kwargs: dict) -> tuple[list[float], list[float]] | None:
     """image_mean/image_std of the image processor saved with a base model, or None when it has none."""
+    processor = _base_processor(path, kwargs)
+    if processor is None:
+        return None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if not mean or not std:
+        return None
+    mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(v) for v in mean]
+    std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(v) for v in std]
+    return mean, std
+
+
+def _processor_input_size(name_or_path: str | None, load_kwargs: dict | None = None) -> int | None:
+    """The side of the images the base model's image processor produces (its crop when it crops, else its resize;
+    timm: `data_config["input_size"]`), or None when the base has no processor or it does not say."""
+    if not name_or_path:
+        return None
+    from .pretrained import resolve_pretrained
+
+    kwargs = {k: v for k, v in (load_kwargs or {}).items() if k in _PROCESSOR_KWARGS}
+    processor = _base_processor(resolve_pretrained(name_or_path), kwargs)
+    if processor is None:
+        return None
+    data_config = getattr(processor, "data_config", None) or {}
+    if data_config.get("input_size"):
+        return int(data_config["input_size"][-1])
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    for size in (crop, getattr(processor, "size", None)):
+        get = (lambda key: size.get(key)) if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+        for key in ("height", "shortest_edge"):
+            if isinstance(get(key), int) and get(key) > 0:
+                return get(key)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
+
+
+def _base_processor(path: str, kwargs: dict):
+    """The image processor saved with a base model (local folder or Hub repo), or None when it has none."""
     from transformers import AutoImageProcessor
     from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
@@ -804,13 +844,7 @@ def _processor_mean_std(path: str, kwargs: dict) -> tuple[list[float], list[floa
         found = None
     if found is None:
         return None
-    processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
-    if not mean or not std:
-        return None
-    mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(v) for v in mean]
-    std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(v) for v in std]
-    return mean, std
+    return AutoImageProcessor.from_pretrained(path, **kwargs)
 
 
 AutoConfig.register("prompted_sparse", PromptedSparseConfig)

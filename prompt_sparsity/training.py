@@ -47,6 +47,9 @@ from .optim import (
     resolve_lr,
     schedule_fn,
 )
+from .plots import write_training_curves
+from .settings import effective_settings, format_settings
+from .tracking import check_trackers, log_epoch, log_step, subnetwork_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +117,12 @@ class PruningRun:
         if self.method.structured:
             self.name = self.name.rsplit("-s", 1)[0] + f"-f{round(prune_args.flops_ratio * 100)}"
         self.output_dir = run_args.output_dir or os.path.join("outputs", self.name)
+        check_trackers(run_args.report_to)  # a missing tracker package: an error now, not a warning and no logs
         self.accelerator = Accelerator(
             cpu=run_args.cpu,
             log_with=None if run_args.report_to == "none" else run_args.report_to,
             project_dir=self.output_dir,
+            gradient_accumulation_steps=run_args.gradient_accumulation_steps,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         if self.accelerator.device.type == "cpu":
@@ -141,7 +146,7 @@ class PruningRun:
                 dargs.dataset_name, validation_fraction=dargs.validation_fraction, seed=self.run_args.seed,
                 max_train_samples=dargs.max_train_samples, max_eval_samples=dargs.max_eval_samples,
                 image_column=dargs.image_column, label_column=dargs.label_column,
-                config_name=dargs.dataset_config_name,
+                config_name=dargs.dataset_config_name, validation_dir=dargs.validation_dir, cache_dir=margs.cache_dir,
             )
             self.model = PromptedSparseModel.from_base(
                 margs.model_name_or_path, revision=margs.revision, head=margs.head,
@@ -157,6 +162,7 @@ class PruningRun:
                 nm_pattern=pargs.nm_pattern if self.method.sparse else None,
                 output_size=margs.output_size or margs.input_size, pad_size=margs.pad_size,
                 mask_size=margs.mask_size, prompt_at_inference=margs.prompt_at_inference and self.prompt_on,
+                cache_dir=margs.cache_dir, trust_remote_code=margs.trust_remote_code or None,
             )
         what = (f"{len(self.model.structure.units)} channel units" if self.model.structure is not None
                 else f"{self.model.sparsity.numel if self.model.sparsity else 0:,} prunable weights")
@@ -164,7 +170,7 @@ class PruningRun:
                  f"{len(self.data.validation)}/{len(self.data.test)}, {self.data.num_labels} classes; {what}")
         if any(getattr(step, "rewind", False) for step in self.method.plan):  # OMP, IMP (`Rounds`)
             self._pretrained_state = {k: v.detach().clone() for k, v in self.model.model.state_dict().items()}
-        s, bs = margs.input_size, dargs.per_device_train_batch_size
+        s, bs = self.model.config.input_size, dargs.per_device_train_batch_size  # resolved from the model if unset
         workers = dargs.dataloader_num_workers
         train = self.data.train
         # Two independently shuffled views of the training split (VPNS.md §6).
@@ -212,7 +218,10 @@ class PruningRun:
         pargs, model = self.prune_args, self.model
         prompt_params = [p for p in model.prompt.parameters()] if self.prompt_on else []
 
+        names = []
+
         def group(params, lr_field, rule, optimizer, schedule, weight_decay=0.0):
+            names.append(lr_field)
             lr = resolve_lr(getattr(pargs, lr_field), rule, total_steps, lr_field) * pargs.lr_scale
             self.state.setdefault("learning_rates", {})[f"{kind}/{lr_field}"] = lr
             return ({"params": params, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer}, schedule)
@@ -250,6 +259,7 @@ class PruningRun:
                 spec.append(group(prompt_params, "finetune_prompt_lr", None, pargs.finetune_prompt_optimizer,
                                   pargs.finetune_prompt_schedule, pargs.finetune_weight_decay))
         groups, schedules = [g for g, _ in spec], [s for _, s in spec]
+        self._param_group_names = names  # for the trackers' lr per group
         return build_optimizer(groups, momentum=pargs.momentum), schedules
 
     def _prepare_structure(self, kind: str) -> None:
@@ -293,15 +303,22 @@ class PruningRun:
         epochs = int(getattr(pargs, stage.epochs_field))
         steps = stage.steps or self.steps
         iters = self.iterations_per_epoch(steps)
+        max_steps = self.run_args.max_train_steps if epochs > 0 else None  # HF: the steps decide the epochs
         if stage.iterations is not None:  # an IMP phase: its share of the epochs, in iterations
             epochs = math.ceil(stage.iterations / iters)
+        elif max_steps:
+            epochs = math.ceil(max_steps / iters)
         self._prepare_structure(stage.kind)
         if epochs <= 0:
             return
-        budget = stage.iterations if stage.iterations is not None else epochs * iters
+        budget = stage.iterations if stage.iterations is not None else (max_steps or epochs * iters)
         # A bilevel iteration steps each group once (weights on one view, scores on the other).
         per_iter = 2 if steps == "two" and stage.kind != "bilevel" else 1
-        total = max(1, budget * per_iter)
+        accumulation = self.run_args.gradient_accumulation_steps
+        if accumulation > 1 and stage.kind == "bilevel":
+            raise ValueError("--gradient_accumulation_steps does not apply to BiP's bi-level steps (a weight step "
+                             "and a score step per iteration): drop it, or raise --per_device_train_batch_size.")
+        total = max(1, math.ceil(budget * per_iter / accumulation))  # optimizer steps, which the schedules count
         optimizer, schedules = self._param_groups(stage.kind, total)
         warmup = int(pargs.warmup_ratio * total)
         fns = [schedule_fn(s, total, warmup) for s in schedules]
@@ -360,11 +377,14 @@ class PruningRun:
                     continue
                 for view, batch in zip(views, batches):
                     use_prompt = self.prompt_on and view is loader_a
-                    out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], use_prompt=use_prompt)
-                    acc.backward(out.loss)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    with acc.accumulate(model):  # --gradient_accumulation_steps: the optimizer steps on every N-th
+                        out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], use_prompt=use_prompt)
+                        acc.backward(out.loss)
+                        optimizer.step()
+                        if acc.sync_gradients:
+                            scheduler.step()
+                            log_step(acc, stage.kind, out.loss, optimizer, self._param_group_names)
+                        optimizer.zero_grad(set_to_none=True)
                     running += float(out.loss.detach())
                     images += batch["labels"].shape[0] * acc.num_processes
                 bar.update(1)
@@ -379,8 +399,8 @@ class PruningRun:
                 record["mask_overlap_with_start"] = jaccard(bits, start_bits) if start_bits is not None else None
                 previous_bits = bits
             self.state["history"].append(record)
-            acc.log({f"{stage.kind}/{k}": v for k, v in record.items() if isinstance(v, float)},
-                    step=len(self.state["history"]))
+            log_epoch(acc, {**{f"{stage.kind}/{k}": v for k, v in record.items() if isinstance(v, float)},
+                            **subnetwork_scalars(self.model)})
             self.log(f"[{stage.kind} epoch {epoch + 1}/{epochs}] " +
                      ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
             self.state.update(stage=stage_idx, epoch=epoch)
@@ -552,6 +572,7 @@ class PruningRun:
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
         self.build()
+        self.log(format_settings(effective_settings(self)))  # once: what the data and the model decided
         acc.init_trackers(self.name, config={k: str(v) for k, v in self.all_args().items()})
         if "dense_pretrained" not in self.state:  # before any pruning step touches the model
             wanted = self.model_args.head == "pretrained" and self.run_args.dense_reference and self.run_args.eval_test
@@ -575,6 +596,7 @@ class PruningRun:
         final = {split: self.evaluate_split(split)
                  for split in ("validation", "test") if split == "validation" or self.run_args.eval_test}
         results = self.results(final, time.perf_counter() - t_start)
+        log_epoch(acc, {f"final/{k}": v for split in final.values() for k, v in split.items()})
         self.save(results)
         acc.end_training()
         return results
@@ -643,7 +665,7 @@ class PruningRun:
                         "test": len(self.data.test)},
             "prompt_method": self.prompt_method,
             "steps": self.steps,
-            "input_size": self.model_args.input_size,
+            "input_size": self.model.config.input_size,
             "sparsity_target": self.sparsity,
             "sparsity": report["global"],
             "pruned_weights": report["pruned"],
@@ -668,6 +690,7 @@ class PruningRun:
             "masks_identical_across_ranks": len(set(digests)) == 1,
             "seed": self.run_args.seed,
             "args": self.all_args(),
+            "effective_settings": effective_settings(self),
             **structured,
         }
 
@@ -681,6 +704,7 @@ class PruningRun:
         dense = PromptedSparseModel.from_base(
             margs.model_name_or_path, revision=margs.revision, head=margs.head,
             id2label=self.data.id2label if margs.head == "new" else None, sparsity_type="none",
+            cache_dir=margs.cache_dir, trust_remote_code=margs.trust_remote_code or None,
         ).model
         latency = None
         if self.accelerator.is_main_process:
@@ -705,6 +729,7 @@ class PruningRun:
 
                 model.save_pretrained(staging, save_function=acc.save)
                 write_json_atomic(os.path.join(staging, "results.json"), results)
+                write_training_curves(staging, results)  # before the card, which links it
                 write_model_card(staging)  # the card save_pretrained wrote, now with the run's results
 
             publish_output(self.output_dir, write)

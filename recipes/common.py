@@ -3,32 +3,24 @@
 import logging
 import sys
 
-import yaml
-from transformers import HfArgumentParser
-
 from prompt_sparsity.arguments import DataArguments, ModelArguments, PruningArguments, RunArguments
+from prompt_sparsity.cli import parse_recipe_args, run_recipe
 
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, PruningArguments, RunArguments)
 
 
-def parse(argv, groups=ARGUMENT_GROUPS, **recipe_defaults):
-    """`[config.yaml] [--flag value ...]`: the YAML file sets defaults, flags override them."""
-    parser = HfArgumentParser(groups)
-    defaults = dict(recipe_defaults)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        with open(argv[0]) as f:
-            from_file = yaml.safe_load(f) or {}
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(from_file) - known)
-        if unknown:
-            raise SystemExit(f"{argv[0]}: unknown settings {unknown}; see `python {sys.argv[0]} --help`.")
-        defaults.update(from_file)
-        argv = argv[1:]
-    parser.set_defaults(**defaults)
-    try:
-        return parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # a value check of the argument dataclasses: show it like a usage error
-        parser.error(str(err))
+def parse(argv, groups=ARGUMENT_GROUPS, recipe=None, **recipe_defaults):
+    """`[config.yaml] [--flag value ...]`: the YAML file sets defaults, flags override them. `recipe` ('vpns',
+    'pass', 'transfer') keeps only the options that recipe uses (`prompt_sparsity.cli`)."""
+    return parse_recipe_args(argv, groups, recipe, **recipe_defaults)
+
+
+def main_of(recipe: str, recipe_main):
+    """The recipe's entry point: `recipe_main(argv)` with one-line errors (exit 2), `--debug` for the traceback."""
+    def main(argv=None):
+        setup_logging()
+        return run_recipe(recipe_main, sys.argv[1:] if argv is None else argv, f"recipes/{recipe}.py")
+    return main
 
 
 def setup_logging():

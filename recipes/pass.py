@@ -11,20 +11,20 @@ Search (hypernetwork, or channel scores for vpns_channels, + prompt, backbone fr
 adds FLOPs, parameters and measured latency of the compact vs the dense model.
 """
 
-import sys
-
-from common import parse, setup_logging
+from common import main_of, parse
 
 from prompt_sparsity.methods import get_method
 from prompt_sparsity.training import run_pruning
 
 
-def main(argv=None):
-    setup_logging()
-    args = parse(sys.argv[1:] if argv is None else argv, method="pass")
+def _main(argv):
+    args = parse(argv, recipe="pass", method="pass")
     if not get_method(args[2].method).structured:
         raise SystemExit(f"--method {args[2].method} is an unstructured method: use recipes/vpns.py.")
-    run_pruning(*args)
+    return run_pruning(*args)
+
+
+main = main_of("pass", _main)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,17 @@ or hypernetwork) and prompt are applied to the pretrained base, the label mappin
 dataset, and the weights are fine-tuned (finetune_epochs) with the structure fixed.
 """
 
-import sys
-
-from common import ARGUMENT_GROUPS, parse, setup_logging
+from common import ARGUMENT_GROUPS, main_of, parse
 
 from prompt_sparsity.training import run_transfer
 from prompt_sparsity.transfer import TransferArguments
 
 
-def main(argv=None):
-    setup_logging()
-    run_transfer(*parse(sys.argv[1:] if argv is None else argv, ARGUMENT_GROUPS + (TransferArguments,)))
+def _main(argv):
+    return run_transfer(*parse(argv, ARGUMENT_GROUPS + (TransferArguments,), recipe="transfer"))
+
+
+main = main_of("transfer", _main)
 
 
 if __name__ == "__main__":

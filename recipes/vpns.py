@@ -9,20 +9,20 @@ A YAML file (first argument) sets defaults; command-line flags override it. The 
 `prompt_sparsity.training`; this script only parses arguments.
 """
 
-import sys
-
-from common import parse, setup_logging
+from common import main_of, parse
 
 from prompt_sparsity.methods import get_method
 from prompt_sparsity.training import run_pruning
 
 
-def main(argv=None):
-    setup_logging()
-    args = parse(sys.argv[1:] if argv is None else argv)
+def _main(argv):
+    args = parse(argv, recipe="vpns")
     if get_method(args[2].method).structured:
         raise SystemExit(f"--method {args[2].method} is a structured method: use recipes/pass.py.")
-    run_pruning(*args)
+    return run_pruning(*args)
+
+
+main = main_of("vpns", _main)
 
 
 if __name__ == "__main__":

@@ -325,7 +325,7 @@ def test_accelerate_launch_cpu_two_processes_is_refused(base_dir, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "recipes", "vpns.py"),
            "--model_name_or_path", base_dir, "--dataset_name", "digits", "--output_dir", str(tmp_path / "run")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "asked for 2 processes but started only this one" in proc.stderr

@@ -98,6 +98,7 @@ def test_pass_two_processes_same_structure(base_dir, tmp_path, method):
 
 def test_recipes_refuse_the_wrong_kind_of_method():
     for recipe, method in (("vpns.py", "pass"), ("pass.py", "vpns")):
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}  # this checkout
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", recipe), "--method", method],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode != 0 and "use recipes/" in proc.stderr

@@ -117,7 +117,9 @@ def launch_two_cpu_processes(recipe: str, base_dir: str, output_dir, *extra: str
         "--dataloader_num_workers", "0", "--search_epochs", "1", "--finetune_epochs", "1",
         "--max_steps_per_epoch", "2", "--cpu", "--output_dir", str(output_dir), *extra,
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # This checkout's library, not whichever one is installed (another worktree's editable install, say).
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(os.path.join(output_dir, "results.json")) as f:
