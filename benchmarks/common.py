@@ -334,18 +334,22 @@ def stage_passes(method_name: str, steps: str | None = None, tuning: str = "pape
 
 
 def equal_budget_epochs(method_name: str, passes: int, search_share: float | None = None,
-                        tuning: str = "paper") -> dict[str, int]:
+                        tuning: str = "paper", tuning_passes: int | None = None) -> dict[str, int]:
     """Epochs per stage so that the method makes `passes` passes over the training data in all, split equally
     between its stages (VPNs 30 + 30 two-pass epochs = HYDRA 60 + 60 = 120 passes; OMP dense + fine-tune; one-shot
     pruners put everything into fine-tuning). `search_share` gives a search stage (VPNs, HYDRA, PASS) that fraction
-    of the passes instead, the rest to the other stage (an ablation of how a search method spends its budget)."""
+    of the passes instead, the rest to the other stage (an ablation of how a search method spends its budget).
+    `tuning_passes` gives the tuning stage (the last) that many passes whatever the other stages get, so every
+    final mask is tuned alike (equal tuning, not equal total budget: a search then costs passes on top)."""
     stages = stage_passes(method_name, tuning=tuning)
     searching = [f for f, _ in stages if f == "search_epochs"]
     epochs = {}
-    for field, per_epoch in stages:
+    for i, (field, per_epoch) in enumerate(stages):
         share = passes / len(stages)
         if search_share is not None and searching and len(stages) == 2:
             share = passes * (search_share if field == "search_epochs" else 1 - search_share)
+        if tuning_passes is not None and i == len(stages) - 1:
+            share = tuning_passes
         e = share / per_epoch
         if e != int(e) or e < 1:
             raise ValueError(f"{method_name}: {passes} passes do not split into whole epochs over its stages "
@@ -413,7 +417,7 @@ def progress(msg: str) -> None:
 def accuracy_run_args(*, dataset: str, input_size: int, batch_size: int, method: str, seed: int, passes: int,
                       threads: int, workers: int = 1, lr_scale: float = 1.0, train: int | None = None,
                       dense_reference: bool = True, search_share: float | None = None, tuning: str = "paper",
-                      **prune_kwargs):
+                      tuning_passes: int | None = None, **prune_kwargs):
     """The four argument groups of one accuracy run: library defaults (lr, optimisers, prompt, FLM head) except
     the data (the fixed on-disk subset, used whole), the image size, the equal pass budget, the tuning recipe
     (`TUNINGS`) and no checkpoints; `lr_scale` multiplies every learning rate ('auto' ones once resolved).
@@ -431,7 +435,7 @@ def accuracy_run_args(*, dataset: str, input_size: int, batch_size: int, method:
         prune_kwargs = {**prune_kwargs, "lr_scale": lr_scale}
     if init:
         prune_kwargs = {**prune_kwargs, "score_init": init}
-    prune = PruningArguments(method=method, **equal_budget_epochs(spec, passes, search_share, tuning), **recipe,
+    prune = PruningArguments(method=method, **equal_budget_epochs(spec, passes, search_share, tuning, tuning_passes), **recipe,
                              **prune_kwargs)
     run = RunArguments(seed=seed, checkpointing=False, torch_threads=threads, cpu=True,
                        dense_reference=dense_reference)
@@ -532,12 +536,13 @@ def compact_summary(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def epochs_text(methods: Sequence[str], passes: int, search_share: float | None = None,
-                tuning: str = "paper") -> str:
+                tuning: str = "paper", tuning_passes: int | None = None) -> str:
     """'VPNs search 2 + finetune 2; HYDRA search 4 + finetune 4; ...' for the settings line."""
     parts = []
     for m in dict.fromkeys(split_method(m)[0] for m in methods):
         stages = " + ".join(f"{field.split('_')[0]} {e}"
-                            for field, e in equal_budget_epochs(m, passes, search_share, tuning).items())
+                            for field, e in equal_budget_epochs(m, passes, search_share, tuning,
+                                                                tuning_passes).items())
         parts.append(f"{DISPLAY.get(m, m)} {stages}")
     return "; ".join(parts)
 
@@ -568,6 +573,9 @@ def accuracy_arguments(name: str, doc: str, methods_help: str, level: str, level
     p.add_argument("--search-share", type=float, default=None,
                    help="ablation: the fraction of the passes a search method (VPNs, HYDRA, PASS) spends searching "
                         "(default: an equal split between its stages)")
+    p.add_argument("--tuning-passes", type=int, default=None,
+                   help="equal tuning instead of equal total budget: every method's tuning stage gets this many "
+                        "passes; mask-finding stages keep their share of --passes on top (default: equal total)")
     p.add_argument("--lr-scales", nargs="+", type=float, default=None,
                    help="the learning-rate grid every method gets, as multiples of its defaults (full mode: 0.3 1 "
                         "3); the best on validation at the first seed is used for the other seeds")
@@ -626,4 +634,5 @@ def accuracy_config(args, quick: dict, full: dict, level: str) -> dict:
         cfg["test"] = args.test_samples or None
     cfg["overrides"] = prune_overrides(args.prune_arg)
     cfg["search_share"] = args.search_share
+    cfg["tuning_passes"] = args.tuning_passes
     return cfg

@@ -71,6 +71,7 @@ def main(argv=None) -> int:
                                         method=method, seed=seed, passes=cfg["passes"], threads=args.threads,
                                         sparsity=level if method != "dense" else 0.9, lr_scale=lr_scale,
                                         train=cfg["train"], search_share=cfg["search_share"], tuning=tuning,
+                                        tuning_passes=cfg["tuning_passes"],
                                         dense_reference=floor_run,
                                         synflow_iterations=cfg["synflow_iterations"], **cfg["overrides"])
 
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     samples = some.get("samples", {})
     methods_all = list(cfg["methods"]) + ([] if args.no_dense else ["dense"])
     epochs_lines = "; ".join(f"{common.TUNING_DISPLAY[t]}: "
-                             f"{common.epochs_text(methods_all, cfg['passes'], cfg['search_share'], t)}"
+                             f"{common.epochs_text(methods_all, cfg['passes'], cfg['search_share'], t, cfg['tuning_passes'])}"
                              for t in cfg["tunings"])
     test_kind = "the full test set" if not cfg["test"] else "a fixed class-balanced subset of the 10,000 test images"
     settings = common.settings_block(
@@ -132,7 +133,9 @@ def main(argv=None) -> int:
              f"{samples.get('test')} test images ({test_kind}), "
              f"the same for every method and seed",
         image_size=f"{cfg['input_size']} px (pad prompt, 4 px frame), batch {cfg['batch_size']}",
-        budget=f"{cfg['passes']} passes over the training data per method (a two-step epoch is two passes); epochs "
+        budget=(f"equal tuning: every tuning stage makes {cfg['tuning_passes']} passes, the mask-finding stages their "
+                f"share of {cfg['passes']} on top" if cfg["tuning_passes"] else
+                f"{cfg['passes']} passes over the training data per method") + " (a two-step epoch is two passes); epochs "
                f"by tuning recipe: {epochs_lines}; library defaults otherwise (SNIP/GraSP on 4 batches, SynFlow "
                f"{cfg['synflow_iterations']} iterations)" + common.overrides_text(cfg),
         tuning="'own' = each method's paper recipe (baselines: augmented batches only, no prompt; VPNs: two-step + "
