@@ -203,3 +203,18 @@ def test_benchmark_budgets_count_two_step_tuning_as_two_passes():
     _, _, prune, _ = common.accuracy_run_args(dataset="d", input_size=32, batch_size=64, method="vpns:snip", seed=7,
                                               passes=8, threads=1, tuning="two_step_prompt")
     assert prune.score_init == "snip" and prune.method == "vpns" and prune.finetune_steps == "two"
+
+
+def test_pass_recipe_gives_the_search_a_quarter_of_the_passes():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "recipes", "pass.py"), "--help"], capture_output=True,
+                         text=True, cwd=root, env={**os.environ, "PYTHONPATH": root}, timeout=120).stdout
+    def default_of(flag):  # the help entry (not the usage line): "  --flag FLAG, ... (default: x)"
+        entry = out[out.index(f"\n  {flag} "):]
+        return entry[:entry.index("\n  --", 3)]
+
+    assert "(default: 3)" in default_of("--finetune_epochs")
+    assert "(default: 2)" in default_of("--search_epochs")  # 2 prompted passes of 2 + 3 x 2 = 8: a quarter
