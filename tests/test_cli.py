@@ -76,6 +76,33 @@ def test_the_embedded_demo_keeps_its_small_settings(parse, tmp_path):
     assert (data.max_train_samples, model.input_size) == (None, None)
 
 
+def test_the_logged_input_size_names_where_it_came_from(parse, tmp_path):
+    from prompt_sparsity.settings import format_settings, input_size_source
+
+    model, *_ = parse([])
+    assert input_size_source(model) == "the embedded demo's defaults"  # 48, not "from --input_size"
+    model, *_ = parse(["--input_size", "64"])
+    assert input_size_source(model) == "--input_size"
+    model, *_ = parse(["--input_size=64", "--dataset_name", "digits"])
+    assert input_size_source(model) == "--input_size"
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset_name: digits\ninput_size: 40\n")
+    model, *_ = parse([str(config)])
+    assert input_size_source(model) == str(config)
+    model, *_ = parse([str(config), "--input_size", "56"])  # the flag wins over the file
+    assert input_size_source(model) == "--input_size"
+    model, *_ = parse(["--dataset_name", "digits"])
+    assert input_size_source(model).startswith("the model")
+    assert input_size_source(model, transferred=True) == "the subnetwork (--subnetwork)"
+    line = format_settings({"method": "vpns", "model": "m", "dataset": "d", "input_size": 48,
+                            "input_size_from": input_size_source(parse([])[0]), "output_size": 48,
+                            "max_train_samples": 2000, "max_eval_samples": 1000,
+                            "samples": {"train": 1, "validation": 1, "test": 1}, "per_device_train_batch_size": 8,
+                            "num_processes": 1, "gradient_accumulation_steps": 1, "total_train_batch_size": 8,
+                            "epochs": {}, "seed": 0, "device": "cpu"})
+    assert "input 48 px from the embedded demo's defaults," in line
+
+
 def test_a_60_image_folder_uses_all_60_images_at_the_models_size(base_with_processor, folder_of_60, tmp_path,
                                                                   capsys):
     out = tmp_path / "run"
