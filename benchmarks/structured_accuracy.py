@@ -27,11 +27,13 @@ per output channel, then compaction and fine-tuning) is selectable with --method
 search epoch is two passes (PASS's one), so equal passes give it half as many search epochs.
 
 Writes structured_accuracy.json/.png/.md to benchmarks/results[/quick]; run folders (reused when rerun with the
-same settings) under outputs/benchmarks/structured_accuracy[-quick]/.
+same settings) under outputs/benchmarks/structured_accuracy[-quick]/. Redraw a saved result's figure alone with
+`python benchmarks/structured_accuracy.py --replot benchmarks/results/structured_accuracy.json`.
 """
 
 from __future__ import annotations
 
+import textwrap
 import time
 
 import common
@@ -255,66 +257,123 @@ def main(argv=None) -> int:
     md += ["", common.reuse_note(all_runs)]
     markdown = "\n".join(md) + "\n"
 
-    # ------------------------------------------------------------------ plot
+    results = common.accuracy_results(NAME, env, cfg, dataset, rows, findings, all_runs,
+                                      lr_selection=list(selection.values()))
+    common.finish(NAME, out_dir, results, markdown, plot(results), started)
+    return 0
+
+
+def plot(results: dict):
+    """The figure of a structured_accuracy.json (its `summary` rows and `config`): accuracy at equal FLOPs, and the
+    measured speed-up against its physical limit. Drawn from the saved JSON alone, so it can be redrawn (`--replot`).
+
+    Accuracy: with several FLOPs targets, accuracy against the achieved FLOPs on a 0-100% axis; with one target
+    every method lands within ~0.01% of it, so an axis of FLOPs would be zoomed to that noise (an offset axis of
+    0.003%) and the methods are drawn side by side instead, each labelled with the FLOPs it achieved."""
+    cfg, rows = results["config"], results["summary"]
+    methods = list(cfg["methods"])
+    threads = next((r["latency"].get("threads") for r in results.get("runs", []) if isinstance(r.get("latency"), dict)
+                    and r["latency"].get("threads")), "?")
+    dense_row = next((r for r in rows if r["method"] == "dense" and r["test_no_prompt"]["mean"] is not None), None)
+    levels = sorted({r["flops_target"] for r in rows if r["method"] != "dense"})
     fig, (ax, bx) = common.figure(2, width=6.2, height=4.6)
-    markers = dict(zip(list(cfg["methods"]), "o^sDvP*X"))
-    for m in cfg["methods"]:
+    markers = dict(zip(methods, "o^sDvP*X"))
+    series = []  # (method, prompt, label, [(achieved FLOPs %, accuracy)])
+    for m in methods:
         for prompt in ((True, False) if m in PROMPTED else (False,)):
             key = "test_prompt" if prompt else "test_no_prompt"
             pts = sorted([(100 * r["flops_ratio"]["mean"], r[key]) for r in rows
                           if r["method"] == m and r[key]["mean"] is not None and r["flops_ratio"]["mean"]],
                          key=lambda t: t[0])
-            if not pts:
-                continue
-            label = DISPLAY[m] + ((" + prompt" if prompt else " (no prompt)") if m in PROMPTED else "")
-            ax.errorbar([x for x, _ in pts], [a["mean"] for _, a in pts], yerr=[a["std"] for _, a in pts],
-                        marker=markers[m], capsize=3, lw=2.2 if m in PROMPTED else 1.2,
-                        ls="-" if prompt or m not in PROMPTED else "--", color=common.COLOURS.get(m), label=label)
-    if dense_row and dense_row["test_no_prompt"]["mean"] is not None:
-        d = dense_row["test_no_prompt"]
-        ax.errorbar([100], [d["mean"]], yerr=[d["std"]], marker="*", ms=12, color="k", capsize=3, ls="none",
-                    label="dense fine-tuned")
-    ax.set_xlabel("FLOPs of the compact model (% of dense)")
+            if pts:
+                series.append((m, prompt, DISPLAY.get(m, m) + ((" + prompt" if prompt else " (no prompt)")
+                                                               if m in PROMPTED else ""), pts))
+
+    def style(m, prompt):
+        return dict(marker=markers.get(m, "o"), capsize=3, lw=2.2 if m in PROMPTED else 1.2,
+                    ls="-" if prompt or m not in PROMPTED else "--", color=common.COLOURS.get(m))
+
+    if len(levels) > 1:
+        for m, prompt, label, pts in series:
+            ax.errorbar([x for x, _ in pts], [a["mean"] for _, a in pts], yerr=[a["std"] or 0 for _, a in pts],
+                        label=label, **style(m, prompt))
+        if dense_row:
+            d = dense_row["test_no_prompt"]
+            ax.errorbar([100], [d["mean"]], yerr=[d["std"] or 0], marker="*", ms=12, color="k", capsize=3, ls="none",
+                        label="dense fine-tuned")
+        ax.set_xlim(0, 105)
+        ax.set_xlabel("FLOPs of the compact model (% of dense)")
+        title = f"Accuracy at equal FLOPs ({cfg['input_size']} px, {cfg['passes']} passes)"
+    else:
+        for i, (m, prompt, label, pts) in enumerate(series):
+            (flops, acc), = pts
+            kw = style(m, prompt)
+            kw["mfc"] = "none" if kw.pop("ls") == "--" else kw["color"]
+            ax.errorbar([i], [acc["mean"]], yerr=[acc["std"] or 0], ls="none", label=f"{label}: {flops:.2f}% FLOPs",
+                        **{k: v for k, v in kw.items() if k != "lw"})
+        if dense_row:
+            d = dense_row["test_no_prompt"]
+            ax.axhline(d["mean"], color="k", lw=1, ls=":", label=f"dense fine-tuned ({d['mean']:.1f}%)")
+        ax.set_xticks(range(len(series)), [textwrap.fill(label, 12) for _, _, label, _ in series], fontsize=8)
+        ax.set_xlim(-0.6, len(series) - 0.4)
+        level = f"{100 * levels[0]:.0f}% FLOPs" if levels else "equal FLOPs"
+        title = f"Accuracy at {level} ({cfg['input_size']} px, {cfg['passes']} passes)"
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Accuracy at equal FLOPs ({cfg['input_size']} px, {cfg['passes']} passes)", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+
     top = 1.0
     for r in rows:
         if r["method"] == "dense" or not r["physical_limit"]["mean"]:
             continue
         lim = r["physical_limit"]["mean"]
         top = max(top, lim)
-        for key, fill, lab in (("speedup_b1", "none", "b1"), ("speedup_b64", None, "b64"),
-                               ("speedup_224_b1", None, f"b1@{cfg['latency_size']}")):
+        for key, fill in (("speedup_b1", "none"), ("speedup_b64", None), ("speedup_224_b1", None)):
             v = r[key]["mean"]
             if v is None:
                 continue
             x = r["physical_limit_224"]["mean"] if key == "speedup_224_b1" else lim
             kw = {"mfc": "none"} if fill == "none" else {}
             color = {"speedup_b1": "C0", "speedup_b64": "C1", "speedup_224_b1": "C2"}[key]
-            bx.errorbar([x], [v], yerr=[r[key]["std"]], marker=markers.get(r["method"], "o"), color=color, ls="none",
-                        capsize=2, **kw)
-            top = max(top, v)
+            bx.errorbar([x], [v], yerr=[r[key]["std"] or 0], marker=markers.get(r["method"], "o"), color=color,
+                        ls="none", capsize=2, **kw)
+            top = max(top, v, x)  # the 224 px limit too: no point drawn outside the axis
     bx.plot([1, top * 1.1], [1, top * 1.1], "k--", lw=1, label="physical limit (speed-up = FLOPs ratio)")
-    for key, color, lab in (("b1", "C0", f"batch 1 @ {cfg['input_size']} px"),
-                            ("b64", "C1", f"batch 64 @ {cfg['input_size']} px"),
-                            ("224", "C2", f"batch 1 @ {cfg['latency_size']} px")):
+    for color, lab in (("C0", f"batch 1 @ {cfg['input_size']} px"), ("C1", f"batch 64 @ {cfg['input_size']} px"),
+                       ("C2", f"batch 1 @ {cfg['latency_size']} px")):
         bx.plot([], [], "o", color=color, label=lab)
-    for m in cfg["methods"]:
-        bx.plot([], [], markers[m], color="grey", label=DISPLAY[m])
+    for m in methods:
+        bx.plot([], [], markers[m], color="grey", label=DISPLAY.get(m, m))
     bx.axhline(1, color="grey", lw=0.8)
+    bx.set_xlim(0.9, top * 1.15)  # from "no speed-up" up: never zoomed into the spread of one FLOPs target
+    bx.ticklabel_format(axis="both", useOffset=False)
     bx.set_xlabel("physical limit: dense FLOPs / pruned FLOPs")
     bx.set_ylabel("measured CPU speed-up (dense ms / compact ms)")
     bx.set_title(f"Measured speed-up vs its limit (CPU, {threads} threads)", fontsize=10)
     bx.grid(alpha=0.3)
     bx.legend(fontsize=7, ncol=2)
+    return fig
 
-    results = common.accuracy_results(NAME, env, cfg, dataset, rows, findings, all_runs,
-                                      lr_selection=list(selection.values()))
-    common.finish(NAME, out_dir, results, markdown, fig, started)
-    return 0
+
+def replot(json_path: str) -> str:
+    """Redraw <name>.png beside a saved structured_accuracy.json, without rerunning anything; returns its path."""
+    import json
+    from pathlib import Path
+
+    path = Path(json_path)
+    with open(path) as f:
+        results = json.load(f)
+    out = path.with_suffix(".png")
+    common.save_figure(plot(results), out)
+    return str(out)
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--replot"]:  # python benchmarks/structured_accuracy.py --replot results/x.json [...]
+        for json_path in sys.argv[2:]:
+            print(replot(json_path))
+        raise SystemExit(0)
     raise SystemExit(main())

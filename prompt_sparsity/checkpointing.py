@@ -12,7 +12,10 @@
 - A new run refuses a folder that holds a finished run or an unfinished one (`check_output_dir`).
 - Checkpoints and the final output are written in a staging folder and renamed into place, so a crash never leaves
   a folder that mixes two runs' files (`write_checkpoint_atomically`, `publish_output`).
-- `check_launch` turns `accelerate launch --cpu --num_processes 2` (which starts one process) into a clear error.
+- `check_launch` turns launches that accelerate does not carry out as asked into a clear error: `accelerate launch
+  --cpu --num_processes 2` (one process), `--multi_gpu` without GPUs (independent single-process runs), FSDP asked
+  for but not active. `check_shared_output_dir` refuses an output folder the processes do not all see (machines
+  with their own disks), before training rather than at the first checkpoint.
 """
 
 from __future__ import annotations
@@ -580,11 +583,106 @@ def lost_processes_message(num_processes: int, environ: Mapping[str, str] | None
             f"`accelerate launch --multi_gpu --num_processes {n}` with {n} GPUs; for one process, drop --num_processes.")
 
 
+def ignored_world_message(num_processes: int, environ: Mapping[str, str] | None = None,
+                          distributed_type: Any = None) -> str | None:
+    """Why this process runs alone although its launcher started several, or None.
+
+    torchrun (`accelerate launch --multi_gpu`) and mpirun set a world size in every process they start; accelerate
+    uses it only for a distributed type it can set up. `--multi_gpu` on a machine without a GPU (and without --cpu)
+    gives N processes that each see `num_processes == 1`: N independent "main" runs writing the same output_dir."""
+    env = os.environ if environ is None else environ
+    if num_processes > 1:
+        return None
+    for var in (*_WORLD_SIZE_VARS, "LOCAL_WORLD_SIZE"):
+        value = str(env.get(var, "")).strip()
+        if value.isdigit() and int(value) > 1:
+            kind = f" ({getattr(distributed_type, 'value', distributed_type)})" if distributed_type else ""
+            return (f"the launcher started {value} processes ({var}={value}) but accelerate runs this one alone"
+                    f"{kind}, so they would be {value} independent runs writing one output_dir. On a machine without "
+                    f"a GPU add --cpu after the recipe (or set ACCELERATE_USE_CPU=true) for DDP over gloo: "
+                    f"`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {value} "
+                    f"recipes/<recipe>.py ... --cpu`; with GPUs check that torch sees them "
+                    f"(torch.cuda.is_available()); for one process drop --multi_gpu/--num_processes.")
+    return None
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    return str(env.get(name, "")).strip().lower() in ("1", "true", "yes", "y", "on")  # accelerate's str_to_bool
+
+
+def inactive_fsdp_message(distributed_type: Any, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why FSDP, asked for, is not what runs, or None. `accelerate launch --use_fsdp` (or an FSDP config) only sets
+    ACCELERATE_USE_FSDP; accelerate switches to FSDP on GPUs (and the like) only, else it silently runs DDP or a
+    single process with a full copy of the model per process."""
+    env = os.environ if environ is None else environ
+    if distributed_type is None or not _env_flag(env, "ACCELERATE_USE_FSDP"):
+        return None
+    kind = str(getattr(distributed_type, "value", distributed_type))
+    if kind == "FSDP":
+        return None
+    return (f"FSDP was asked for (ACCELERATE_USE_FSDP={env.get('ACCELERATE_USE_FSDP')}, set by `accelerate launch "
+            f"--use_fsdp` or an FSDP config) but accelerate runs {kind}, not FSDP: it shards only across GPUs, never "
+            "on CPU or in one process. Fix: launch on 2 or more GPUs, or drop --use_fsdp (distributed_type "
+            "MULTI_GPU/MULTI_CPU in the accelerate config; on CPU: `ACCELERATE_USE_CPU=true accelerate launch "
+            "--multi_gpu --num_processes N recipes/<recipe>.py ... --cpu`).")
+
+
 def check_launch(num_processes: int, environ: Mapping[str, str] | None = None,
-                 parent_cmdline: Sequence[str] | None = None) -> None:
-    """Raise if `accelerate launch` silently started one process instead of the several asked for."""
-    message = lost_processes_message(num_processes, environ, parent_cmdline)
+                 parent_cmdline: Sequence[str] | None = None, *, distributed_type: Any = None) -> None:
+    """Raise if accelerate does not run the launch as asked: one process instead of the several asked for,
+    several independent single-process runs (a world size accelerate ignores), or FSDP asked for but not active
+    (`distributed_type` is the accelerator's)."""
+    message = (lost_processes_message(num_processes, environ, parent_cmdline)
+               or ignored_world_message(num_processes, environ, distributed_type)
+               or inactive_fsdp_message(distributed_type, environ))
     if message:
         from .cli import UserError  # a RuntimeError the recipes print on one line
 
         raise UserError(message)
+
+
+SHARED_MARKER = ".shared-storage-check-{token}"
+
+
+def check_shared_output_dir(accelerator, output_dir: str) -> None:
+    """Raise, on every process, unless every process sees the files the main process writes in `output_dir`.
+
+    Checkpoints and the final save are written once, by the main process, and read (resume) by all of them; on
+    machines with their own disks the other ranks would fail at the first checkpoint (FileNotFoundError) or resume
+    from something else. So the main process writes a marker with a fresh token, each process looks for it, and
+    all stop before training if one cannot see it."""
+    if accelerator.num_processes <= 1:
+        return
+    import socket
+    import uuid
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    broadcast_object_list(token)  # every process looks for the main process's marker, not one of its own
+    path = os.path.join(output_dir, SHARED_MARKER.format(token=token[0]))
+    if accelerator.is_main_process:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(token[0])
+            f.flush()
+            os.fsync(f.fileno())
+    accelerator.wait_for_everyone()
+    try:
+        with open(path) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    views = gather_object([(accelerator.process_index, socket.gethostname(), seen)])
+    accelerator.wait_for_everyone()  # all have looked before the marker goes
+    if accelerator.is_main_process:
+        os.unlink(path)
+    blind = [f"rank {rank} on {host}" for rank, host, ok in views if not ok]
+    if blind:
+        from .cli import UserError
+
+        raise UserError(
+            f"--output_dir {output_dir} is not shared by all processes: {', '.join(blind)} cannot see the file the "
+            "main process wrote there (machines with their own disks?), so checkpoints, resume and the final save "
+            "would fail or diverge. Fix: put --output_dir on storage every machine mounts (NFS, a shared volume), "
+            "or run on one machine.")

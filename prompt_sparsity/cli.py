@@ -256,19 +256,27 @@ def parse_recipe_args(argv: Sequence[str], groups, recipe: str | None = None, **
     argv = list(argv)
     known = {a.dest for a in parser._actions}
     defaults = dict(recipe_defaults)
-    from_file = {}
+    from_file, config_file = {}, None
+    # Where each value not left to its dataclass default came from, later one winning (logged: "input 48 px from ...").
+    sources = {k: f"the {recipe or 'recipe'}'s default" for k in recipe_defaults}
     if argv and argv[0].endswith((".yaml", ".yml")):
         with open(argv[0]) as f:
             from_file = yaml.safe_load(f) or {}
         unknown = sorted(set(from_file) - known)
         if unknown:
             parser.error(f"{argv[0]}: " + unknown_option_message(parser, [f"--{k}" for k in unknown]))
-        argv = argv[1:]
+        config_file, argv = argv[0], argv[1:]
     asks_help = "-h" in argv or "--help" in argv
     demo = is_embedded_demo(argv, from_file) and not asks_help
     if demo:  # the demo's small sizes: never a user run's defaults
         defaults.update({k: v for k, v in EMBEDDED_DEMO.items() if k in known})
+        sources.update({k: "the embedded demo's defaults" for k in EMBEDDED_DEMO})
     defaults.update(from_file)
+    sources.update({k: config_file for k in from_file})
+    for word in argv:
+        action = parser._option_string_actions.get(word.split("=", 1)[0]) if word.startswith("--") else None
+        if action is not None:  # aliases too (--image_column_name sets image_column)
+            sources[action.dest] = f"--{action.dest}"
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
     namespace, remaining = parser.parse_known_args(args=argv)
     if remaining:
@@ -281,6 +289,8 @@ def parse_recipe_args(argv: Sequence[str], groups, recipe: str | None = None, **
                      for g in groups)
     except ValueError as err:  # a value check of the argument dataclasses: shown like a usage error
         parser.error(str(err))
+    for group in args:  # not a field: neither a setting of the run nor an option
+        group.option_sources = {k: v for k, v in sources.items() if k in {f.name for f in dataclasses.fields(group)}}
     if demo and is_main_process():
         print("The embedded demo (no --model_name_or_path or --dataset_name given): "
               + ", ".join(f"--{k} {v}" for k, v in EMBEDDED_DEMO.items())

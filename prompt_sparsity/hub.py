@@ -102,6 +102,62 @@ def _is_hub_id(name: str | None) -> bool:
     return name not in _builtin_models() and bool(_REPO_ID_RE.match(name)) and ".." not in name
 
 
+def _looks_local(name: str) -> bool:
+    """A filesystem path (it exists here, or is written like one), as opposed to a Hub id or a built-in name."""
+    return (os.path.exists(name) or os.path.isabs(name) or name.startswith((".", "~"))
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
+def _cached_hub_id(path: str) -> str | None:
+    """The Hub id of a path inside the HF cache (`.../models--org--name/snapshots/<sha>`), else None."""
+    for part in reversed(Path(path).parts):
+        if part.startswith("models--") and part.count("--") >= 2:
+            repo_id = part[len("models--"):].replace("--", "/", 1)
+            return repo_id if _REPO_ID_RE.match(repo_id) else None
+    return None
+
+
+def _card_license(path: Path) -> str | None:
+    """The `license:` of a model card's front matter, when the card is there and says one."""
+    if not path.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        value = ModelCard(path.read_text(encoding="utf-8")).data.license
+    except Exception:  # noqa: BLE001 - an unreadable or malformed card gives no license, never a guessed one
+        return None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _base_license(base: str | None, base_config: Mapping) -> str | None:
+    """The base model's license, only from what it states and is here offline: its local folder's README.md, the
+    cached Hub card, timm's `pretrained_cfg.license`, or a built-in model's; else None (never guessed)."""
+    if not base:
+        return None
+    builtin = _builtin_models().get(base) if not _is_hub_id(base) else None
+    if builtin is not None:
+        return builtin.get("license")
+    if os.path.isdir(base):
+        found = _card_license(Path(base) / _CARD)
+        if found:
+            return found
+    repo_id = base if _is_hub_id(base) else _cached_hub_id(base)
+    if repo_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(repo_id, _CARD)  # the cache only: no network
+        except Exception:  # noqa: BLE001 - an odd cache is no license
+            cached = None
+        if isinstance(cached, str):
+            found = _card_license(Path(cached))
+            if found:
+                return found
+    license_ = (base_config.get("pretrained_cfg") or {}).get("license")
+    return license_ if isinstance(license_, str) and license_ else None
+
+
 def _builtin_models() -> dict:
     try:
         from .pretrained import BUILTIN_MODELS
@@ -238,8 +294,15 @@ def _card_values(config: Mapping, results: Mapping | None, repo_id: str | None, 
     method = str(results["method"]) if results.get("method") else None
     method_name = display_name(method) if method else None
     base = config.get("base_model_name_or_path") or results.get("model")
-    base_is_hub = _is_hub_id(base)
     base_config = config.get("base_config") or {}
+    license_ = _base_license(base, base_config)  # read before a local path is replaced by its Hub id or name
+    local_base = bool(base) and isinstance(base, str) and base not in _builtin_models() and _looks_local(base)
+    if local_base:  # a card is public: a local path never appears in it; the Hub id it is a copy of, or its name
+        hub_copy = _cached_hub_id(base)
+        base = hub_copy or os.path.basename(os.path.normpath(os.path.expanduser(base)))
+        base_is_hub = hub_copy is not None
+    else:
+        base_is_hub = _is_hub_id(base)
     arch = ", ".join(base_config.get("architectures") or []) or base_config.get("model_type") or "image classifier"
     dataset = results.get("dataset")
     dataset_id = _HUB_DATASETS.get(dataset, dataset) if dataset else None
@@ -280,8 +343,7 @@ def _card_values(config: Mapping, results: Mapping | None, repo_id: str | None, 
         elif not structured and sparsity is not None:
             eval_results.append(EvalResult(metric_type="sparsity", metric_value=round(100 * float(sparsity), 4),
                                            metric_name="Weight sparsity (%)", **common))
-    builtin = _builtin_models().get(base) if base and not base_is_hub else None
-    license_ = (builtin or {}).get("license")
+    builtin = _builtin_models().get(base) if base and not base_is_hub and not local_base else None
     card_data = ModelCardData(
         library_name="prompt-sparsity",
         license=license_,
@@ -307,6 +369,8 @@ def _card_values(config: Mapping, results: Mapping | None, repo_id: str | None, 
         base_txt = f"[`{base}`](https://huggingface.co/{base})"
     elif builtin is not None:
         base_txt = f"`{base}` (a built-in model of prompt-sparsity)"
+    elif local_base:
+        base_txt = f"a local model `{base}`" if base else "a local model"
     else:
         base_txt = f"`{base}`" if base else "a base model"
     on = f" on `{dataset}`" if dataset else ""

@@ -1,5 +1,6 @@
-"""`training_curves.png`, written by every run beside results.json: accuracy and loss per epoch for each stage, and
-the subnetwork's shape (per-layer density, or kept channels per unit)."""
+"""`training_curves.png`, written by every run beside results.json: accuracy and loss per epoch for each stage, the
+mask dynamics of a search (flipped fraction and overlap with its start, per epoch), and the subnetwork's shape
+(per-layer density, or kept channels per unit)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ def write_training_curves(output_dir: str, results: dict[str, Any]) -> str:
     import matplotlib.pyplot as plt
 
     history = results.get("history") or []
-    fig, (ax_acc, ax_loss, ax_shape) = plt.subplots(1, 3, figsize=(15, 4))
     x = list(range(1, len(history) + 1))
+    searched = any("mask_flip_fraction" in h for h in history)  # a panel only for runs that searched a mask
+    fig, axes = plt.subplots(1, 4 if searched else 3, figsize=(20 if searched else 15, 4))
+    ax_acc, ax_loss, ax_shape = axes[0], axes[1], axes[-1]
     labels = [f"{h['kind']} {h['epoch'] + 1}" for h in history]
     for key, style in (("validation_accuracy_prompt", "-o"), ("validation_accuracy_no_prompt", "--o")):
         points = [(i, h[key]) for i, h in zip(x, history) if key in h]
@@ -30,7 +33,11 @@ def write_training_curves(output_dir: str, results: dict[str, Any]) -> str:
     if losses:
         ax_loss.plot(*zip(*losses), "-o", color="C3")
     ax_loss.set(title="training loss per epoch", ylabel="loss", xlabel="stage, epoch")
-    for ax in (ax_acc, ax_loss):
+    curves = [ax_acc, ax_loss]
+    if searched:
+        _plot_mask_dynamics(axes[2], x, history)
+        curves.append(axes[2])
+    for ax in curves:
         ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7) if x else None
         _mark_stages(ax, history)
         ax.grid(alpha=0.3)
@@ -50,6 +57,19 @@ def _mark_stages(ax, history) -> None:
     for i in range(1, len(history)):
         if history[i]["stage"] != history[i - 1]["stage"]:
             ax.axvline(i + 0.5, color="grey", linewidth=0.8, linestyle=":")
+
+
+def _plot_mask_dynamics(ax, x, history) -> None:
+    """Per search epoch: the fraction of the mask that flipped in it, and the overlap (Jaccard) with the start mask;
+    on the same stage/epoch axis as the accuracy and the loss."""
+    for key, style, label in (("mask_flip_fraction", "-o", "flipped this epoch"),
+                              ("mask_overlap_with_start", "--s", "overlap with the start mask")):
+        points = [(i, h[key]) for i, h in zip(x, history) if h.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set(title="mask dynamics per search epoch", ylabel="fraction of the mask", xlabel="stage, epoch",
+           ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
 
 
 def _plot_shape(ax, results) -> None:

@@ -16,7 +16,7 @@ def effective_settings(run) -> dict[str, Any]:
         "model": margs.model_name_or_path,
         "dataset": run.data.name,
         "input_size": config.input_size,
-        "input_size_from": "--input_size" if margs.input_size else "the model (its image processor, else its config)",
+        "input_size_from": input_size_source(margs, transferred=getattr(run, "transfer_args", None) is not None),
         "output_size": config.output_size,
         "max_train_samples": dargs.max_train_samples if dargs.max_train_samples is not None else "all",
         "max_eval_samples": dargs.max_eval_samples if dargs.max_eval_samples is not None else "all",
@@ -32,6 +32,16 @@ def effective_settings(run) -> dict[str, Any]:
         "seed": run.run_args.seed,
         "framework_versions": framework_versions(),
     }
+
+
+def input_size_source(model_args, *, transferred: bool = False) -> str:
+    """Where the input size came from: the subnetwork a transfer reuses, the model (unset), or what set it (the
+    recipes record `option_sources`: a flag, the YAML file, the embedded demo's defaults)."""
+    if transferred:
+        return "the subnetwork (--subnetwork)"
+    if not model_args.input_size:
+        return "the model (its image processor, else its config)"
+    return getattr(model_args, "option_sources", {}).get("input_size", "ModelArguments.input_size")
 
 
 def framework_versions() -> dict[str, str]:

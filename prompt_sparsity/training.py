@@ -24,6 +24,7 @@ from .arguments import DataArguments, ModelArguments, PruningArguments, RunArgum
 from .checkpointing import (
     check_launch,
     check_output_dir,
+    check_shared_output_dir,
     load_training_checkpoint,
     publish_output,
     read_checkpoint_state,
@@ -129,7 +130,8 @@ class PruningRun:
             # `accelerate launch` sets OMP_NUM_THREADS=1; on CPU give each process its share of the cores.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             torch.set_num_threads(run_args.torch_threads or max(1, cores // self.accelerator.num_processes))
-        check_launch(self.accelerator.num_processes)  # `accelerate launch --cpu --num_processes 2` runs one process
+        # One process where several were asked for, several single-process runs, FSDP asked for but not active.
+        check_launch(self.accelerator.num_processes, distributed_type=self.accelerator.distributed_type)
         self.state: dict[str, Any] = {"stage": 0, "epoch": -1, "history": [], "timings": {}, "label_mapping": None}
 
     # ------------------------------------------------------------------ setup
@@ -571,6 +573,7 @@ class PruningRun:
             self.state, self._resume_meta = read_checkpoint_state(resume)
         if acc.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
+        check_shared_output_dir(acc, self.output_dir)  # machines with their own disks: refused before training
         self.build()
         self.log(format_settings(effective_settings(self)))  # once: what the data and the model decided
         acc.init_trackers(self.name, config={k: str(v) for k, v in self.all_args().items()})

@@ -1,6 +1,8 @@
 """Lose nothing, load nothing unsafe: checkpoints hold no pickle and resume never unpickles one; a checkpoint is
 resumed only by the run whose settings it records; an output folder holding a run is not silently replaced; the
-final save is staged so a crash never mixes two runs; `accelerate launch --cpu --num_processes 2` is caught."""
+final save is staged so a crash never mixes two runs; launches accelerate does not carry out as asked (`--cpu
+--num_processes 2`, `--multi_gpu` without a GPU, FSDP on CPU) and an output folder the processes do not all see are
+refused before training."""
 
 import json
 import os
@@ -18,6 +20,7 @@ from prompt_sparsity.checkpointing import (
     CheckpointError,
     OutputDirError,
     check_launch,
+    check_shared_output_dir,
     lost_processes_message,
     publish_output,
     resolve_resume_checkpoint,
@@ -331,3 +334,94 @@ def test_accelerate_launch_cpu_two_processes_is_refused(base_dir, tmp_path):
     assert "asked for 2 processes but started only this one" in proc.stderr
     assert "--multi_gpu --num_processes 2" in proc.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+TORCHRUN_2 = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": "29500", "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+
+
+def test_a_world_size_accelerate_ignores_is_refused():
+    from accelerate.utils import DistributedType
+
+    # `accelerate launch --multi_gpu --num_processes 2` without --cpu on a machine without a GPU: torchrun starts
+    # two processes, each of which accelerate runs alone.
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2.*add --cpu after the recipe \(or set ACCELERATE_USE_CPU=true"):
+        check_launch(1, TORCHRUN_2, [], distributed_type=DistributedType.NO)
+    with pytest.raises(RuntimeError, match="LOCAL_WORLD_SIZE=3"):
+        check_launch(1, {"LOCAL_WORLD_SIZE": "3"}, [], distributed_type=DistributedType.NO)
+    check_launch(2, TORCHRUN_2, [], distributed_type=DistributedType.MULTI_CPU)  # accelerate uses them: fine
+    check_launch(1, {**TORCHRUN_2, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}, [], distributed_type=DistributedType.NO)
+
+
+def test_fsdp_asked_for_but_not_active_is_refused():
+    from accelerate.utils import DistributedType
+
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        with pytest.raises(RuntimeError, match=f"FSDP was asked for .* accelerate runs {kind.value}, not FSDP.*drop "
+                                               "--use_fsdp"):
+            check_launch(2 if kind != DistributedType.NO else 1, {"ACCELERATE_USE_FSDP": "True"}, [],
+                         distributed_type=kind)
+    check_launch(2, {"ACCELERATE_USE_FSDP": "true"}, [], distributed_type=DistributedType.FSDP)
+    check_launch(1, {"ACCELERATE_USE_FSDP": "false"}, [], distributed_type=DistributedType.NO)
+
+
+def test_fsdp_on_cpu_stops_the_run_before_anything_is_written(base_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    with pytest.raises(RuntimeError, match="FSDP was asked for"):
+        run_pruning(*args(base_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the trap is --multi_gpu on a machine without a GPU")
+def test_multi_gpu_without_a_gpu_is_refused_by_every_process(base_dir, tmp_path):
+    # --monitor_interval: torchrun looks at its children every 10 s, not 0.1 s, so a rank that fails first does not
+    # get rank 0 (the one that prints) killed before it has printed.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--monitor_interval", "10",
+           os.path.join(ROOT, "recipes", "vpns.py"), "--model_name_or_path", base_dir, "--dataset_name", "digits",
+           "--output_dir", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("recipes/vpns.py: error:")]
+    # One line from the recipe (rank 0 prints it; torchrun adds its own report of the failed children), and both
+    # processes stopped with the recipes' usage-error code.
+    assert len(errors) == 1 and "WORLD_SIZE=2" in errors[0] and "ACCELERATE_USE_CPU=true" in errors[0], proc.stderr
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def _check_output_dir_in_process(root: str, separate_disks: bool):
+    """One process of `debug_launcher`: the output folder it checks is the same path on another "disk" per rank."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # forked from pytest: start from this launch's environment
+    PartialState._reset_state()
+    acc = Accelerator(cpu=True)
+    out = os.path.join(root, f"disk{acc.process_index}" if separate_disks else "shared", "run")
+    try:
+        check_shared_output_dir(acc, out)
+        outcome = "ok"
+    except RuntimeError as err:
+        outcome = str(err)
+    with open(os.path.join(root, f"outcome{acc.process_index}.txt"), "w") as f:
+        f.write(outcome)
+    acc.end_training()
+
+
+@pytest.mark.parametrize("separate_disks", [False, True])
+def test_output_dir_not_seen_by_every_process_is_refused_before_training(tmp_path, separate_disks):
+    from accelerate import debug_launcher
+
+    debug_launcher(_check_output_dir_in_process, args=(str(tmp_path), separate_disks), num_processes=2)
+    outcomes = [(tmp_path / f"outcome{rank}.txt").read_text() for rank in (0, 1)]
+    if not separate_disks:
+        assert outcomes == ["ok", "ok"]
+        assert os.listdir(tmp_path / "shared" / "run") == []  # the marker is gone
+        return
+    for outcome in outcomes:  # every process stops, with the same one-line message
+        assert "is not shared by all processes: rank 1 on " in outcome and "rank 0" not in outcome
+        assert "Fix: put --output_dir on storage every machine mounts" in outcome
+    assert not os.path.exists(tmp_path / "disk1" / "run")  # rank 1 wrote nothing on its own disk

@@ -76,6 +76,33 @@ def test_the_embedded_demo_keeps_its_small_settings(parse, tmp_path):
     assert (data.max_train_samples, model.input_size) == (None, None)
 
 
+def test_the_logged_input_size_names_where_it_came_from(parse, tmp_path):
+    from prompt_sparsity.settings import format_settings, input_size_source
+
+    model, *_ = parse([])
+    assert input_size_source(model) == "the embedded demo's defaults"  # 48, not "from --input_size"
+    model, *_ = parse(["--input_size", "64"])
+    assert input_size_source(model) == "--input_size"
+    model, *_ = parse(["--input_size=64", "--dataset_name", "digits"])
+    assert input_size_source(model) == "--input_size"
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset_name: digits\ninput_size: 40\n")
+    model, *_ = parse([str(config)])
+    assert input_size_source(model) == str(config)
+    model, *_ = parse([str(config), "--input_size", "56"])  # the flag wins over the file
+    assert input_size_source(model) == "--input_size"
+    model, *_ = parse(["--dataset_name", "digits"])
+    assert input_size_source(model).startswith("the model")
+    assert input_size_source(model, transferred=True) == "the subnetwork (--subnetwork)"
+    line = format_settings({"method": "vpns", "model": "m", "dataset": "d", "input_size": 48,
+                            "input_size_from": input_size_source(parse([])[0]), "output_size": 48,
+                            "max_train_samples": 2000, "max_eval_samples": 1000,
+                            "samples": {"train": 1, "validation": 1, "test": 1}, "per_device_train_batch_size": 8,
+                            "num_processes": 1, "gradient_accumulation_steps": 1, "total_train_batch_size": 8,
+                            "epochs": {}, "seed": 0, "device": "cpu"})
+    assert "input 48 px from the embedded demo's defaults," in line
+
+
 def test_a_60_image_folder_uses_all_60_images_at_the_models_size(base_with_processor, folder_of_60, tmp_path,
                                                                   capsys):
     out = tmp_path / "run"
@@ -251,10 +278,42 @@ def test_tensorboard_scalars_plot_and_card(base_with_processor, tmp_path):
     assert [e.step for e in scalars["search/step_loss"]] == [1, 2, 3, 4]  # 2 iterations x 2 views
     assert [e.step for e in scalars["finetune/step_loss"]] == [5, 6, 7, 8]
     assert scalars["subnetwork/sparsity"][-1].value == pytest.approx(0.5, abs=0.01)
+    # The search's mask dynamics, as results.json's history records them (one value per search epoch).
+    history = json.load(open(out / "results.json"))["history"]
+    search = [h for h in history if h["kind"] == "search"]
+    for key in ("mask_flip_fraction", "mask_overlap_with_start"):
+        logged = scalars[f"search/{key}"]
+        assert [e.value for e in logged] == pytest.approx([h[key] for h in search], abs=1e-6), key
+        assert [e.step for e in logged] == [4]  # at the end of the search epoch, on the step axis
+    assert "finetune/mask_flip_fraction" not in scalars
     assert (out / "training_curves.png").stat().st_size > 10_000
     card = (out / "README.md").read_text()
     assert "![training curves](training_curves.png)" in card and "Framework versions: " in card
     assert "Learning rates: " in card and "transformers" in card
+
+
+def test_training_curves_plot_the_mask_dynamics_per_search_epoch(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from prompt_sparsity.plots import write_training_curves
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    history = [{"stage": 0, "kind": "search", "epoch": e, "train_loss": 1.0, "validation_accuracy_prompt": 50.0,
+                "mask_flip_fraction": flip, "mask_overlap_with_start": overlap}
+               for e, (flip, overlap) in enumerate([(0.2, 0.8), (0.1, 0.7), (0.05, 0.68)])]
+    history.append({"stage": 1, "kind": "finetune", "epoch": 0, "train_loss": 0.5, "validation_accuracy_prompt": 60.0})
+    write_training_curves(str(tmp_path), {"history": history, "layer_sparsity": {"a": 0.5}})
+    panels = {ax.get_title(): ax for ax in figures[-1].axes}
+    lines = {line.get_label(): line for line in panels["mask dynamics per search epoch"].get_lines()}
+    assert list(lines["flipped this epoch"].get_xdata()) == [1, 2, 3]  # the search epochs on the shared axis
+    assert list(lines["flipped this epoch"].get_ydata()) == [0.2, 0.1, 0.05]
+    assert list(lines["overlap with the start mask"].get_ydata()) == [0.8, 0.7, 0.68]
+    # A run that searched no mask (dense, or a one-shot pruning) keeps the three panels.
+    write_training_curves(str(tmp_path), {"history": history[3:]})
+    assert "mask dynamics per search epoch" not in [ax.get_title() for ax in figures[-1].axes]
+    assert len(figures[-1].axes) == 3
 
 
 def test_missing_tracker_package_is_refused_before_training(parse, monkeypatch, tmp_path):

@@ -169,6 +169,58 @@ def test_model_card_fields_and_fallbacks(saved, tmp_path):
     assert "physically removed" in text
 
 
+def test_card_never_shows_a_local_base_path_and_states_the_bases_license(saved, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    config = json.loads((saved["a"] / "config.json").read_text())
+
+    def card(base, base_config=None, name="card"):
+        out = tmp_path / name
+        out.mkdir()
+        c = {**config, "base_model_name_or_path": base}
+        if base_config is not None:
+            c["base_config"] = {**c["base_config"], **base_config}
+        (out / "config.json").write_text(json.dumps(c))
+        (out / "results.json").write_text(json.dumps({**results_for("vpns", 0.9), "model": base}))
+        text = render_model_card(out)
+        return text, ModelCard(text).data.to_dict()
+
+    # A local folder with a card of its own: the license it states; neither the path nor its parents in the card.
+    base = tmp_path / "private-projects" / "my-base"
+    base.mkdir(parents=True)
+    (base / "README.md").write_text("---\nlicense: mit\n---\n\n# my base\n")
+    text, data = card(str(base), name="local")
+    assert "private-projects" not in text and str(tmp_path) not in text
+    assert "a local model `my-base` (" in text and "- Base model: a local model `my-base`" in text
+    assert data["license"] == "mit" and "base_model" not in data
+
+    # A snapshot in the HF cache: the Hub id it is a copy of, and the license of its cached card (offline).
+    cache = tmp_path / "hub-cache"
+    repo = cache / "models--org--resnet-x"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (snapshot / "README.md").write_text("---\nlicense: bsd-3-clause\n---\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    text, data = card(str(snapshot), name="cached")
+    assert "hub-cache" not in text and str(tmp_path) not in text
+    assert data["base_model"] == "org/resnet-x" and data["license"] == "bsd-3-clause"
+    assert "[`org/resnet-x`](https://huggingface.co/org/resnet-x)" in text
+    _, data = card("org/resnet-x", name="hub")  # a Hub id whose card is cached
+    assert data["base_model"] == "org/resnet-x" and data["license"] == "bsd-3-clause"
+
+    # Stated by nothing here: no license (never guessed); timm's pretrained_cfg states one.
+    bare = tmp_path / "elsewhere" / "plain-base"
+    bare.mkdir(parents=True)
+    text, data = card(str(bare), name="nothing")
+    assert "license" not in data and "elsewhere" not in text
+    _, data = card("org/not-cached", name="uncached")
+    assert "license" not in data and data["base_model"] == "org/not-cached"
+    _, data = card(str(bare), {"pretrained_cfg": {"license": "apache-2.0"}}, name="timm")
+    assert data["license"] == "apache-2.0"
+
+
 # ------------------------------------------------------------------------------------------------ push + pull
 def test_push_and_pull_by_repo_id(hub, saved, tmp_path):
     hub.commit("org/carded", {"README.md": OWN_CARD})
