@@ -14,8 +14,8 @@ Each (runtime, threads, batch) cell times the four models round-robin (drift and
 then the median of the timed calls. The limit of a compact model's speed-up is dense FLOPs / its FLOPs
 (FlopCounterMode at the input size).
 
-    python benchmarks/deploy_latency.py --quick    # 64 px, batch 1 and 8, few repeats (~3 min on 2 CPU cores)
-    python benchmarks/deploy_latency.py            # 224 px, batch 1 and 64 (~15 min on 2 CPU cores)
+    python benchmarks/deploy_latency.py --quick    # 64 px, batch 1 and 8, few repeats (~4 min on 2 loaded CPU cores)
+    python benchmarks/deploy_latency.py            # 224 px, batch 1 and 64 (9.8 min on 2 loaded CPU cores)
 
 Writes deploy_latency.json/.png/.md to benchmarks/results[/quick].
 """
