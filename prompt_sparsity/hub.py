@@ -61,7 +61,8 @@ __all__ = [
 #: Files of a saved subnetwork that are pushed (when present); anything else in the folder (checkpoints/,
 #: logs, trainer state) stays local.
 SUBNETWORK_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "results.json",
-                    "training_curves.png")
+                    "training_curves.png",
+                    "modeling_prompted_sparse.py")  # the loader stub config.json's auto_map names (portable.py)
 _METADATA_FILES = ("config.json", "preprocessor_config.json", "results.json")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 _CARD = "README.md"

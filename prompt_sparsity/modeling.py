@@ -19,6 +19,8 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from .configuration import IMAGENET_MEAN, IMAGENET_STD, PromptedSparseConfig
 from .label_mapping import find_classifier, fold_label_mapping, set_labels
+from .modeling_merged import MODEL_TYPE as MERGED_MODEL_TYPE
+from .modeling_merged import MergedClassifier, MergedClassifierConfig
 from .prompts import VisualPrompt
 from .sparsity.semi_structured import log_dense_layers
 from .sparsity.channel_scores import initial_channel_scores
@@ -603,16 +605,30 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
     # ----------------------------------------------------------------------------------------------- export
     @torch.no_grad()
     def merge_and_unload(self, keep_prompt: bool = False) -> nn.Module:
-        """A plain transformers model (a copy) with the mask baked into the weights (zeros) and the label
-        mapping folded into the head.
+        """A plain model (a copy) with the mask baked into the weights (zeros), the channels removed (compact
+        models) and the label mapping folded into the head. Its `save_pretrained` folder holds the weights, the
+        config with the labels, and the image processor, and reloads with transformers alone.
 
-        `keep_prompt=False` (default): the plain `PreTrainedModel`; it cannot apply the visual prompt, so its logits
-        equal this model's with `use_prompt=False`, on images normalised with `config.image_mean`/`image_std`.
+        `keep_prompt=False` (default): the model cannot apply the visual prompt, so its logits equal this model's
+        with `use_prompt=False`, on images normalised with `config.image_mean`/`image_std` (its saved image processor
+        normalises). A dense merge (unstructured or no sparsity) is the plain transformers class; a compact one is a
+        `MergedClassifier` (the base with its per-layer widths).
 
-        `keep_prompt=True`: a `PromptedClassifier` for deployment, i.e. the same plain model behind a fixed input
+        `keep_prompt=True`: a `MergedClassifier` for deployment, i.e. the same plain model behind a fixed input
         transform (the trained prompt and the normalisation, frozen). It takes what this model takes (images in
         [0, 1] at `input_size`, from `image_processor()`) and returns the same logits as this model with the prompt,
-        with no masking at run time; `torch.export.export` and `torch.compile` trace it."""
+        with no masking at run time; `torch.export.export`, `torch.compile` and ONNX export trace it.
+
+        A `MergedClassifier` folder carries its modeling code (`auto_map`): `from_pretrained(folder,
+        trust_remote_code=True)` anywhere, or without the flag after `import prompt_sparsity`."""
+        from .portable import build_merged, refresh_timm_config, with_image_processor
+
+        if self.sparsity is not None and not self.sparsity.frozen:
+            logger.warning("merge_and_unload(): the mask is still searched (float scores); merging bakes in the "
+                           "current mask. Call freeze_mask() first to make that explicit.")
+        if self.structure is not None and not self.structure.compact:
+            raise ValueError("merge_and_unload(): this structured model is not compacted yet (its channels are still "
+                             "searched); call model.compact() first, then merge.")
         prompted = self.config.prompt_method != "none" and self.config.prompt_at_inference
         if prompted and not keep_prompt:
             logger.warning(
@@ -628,10 +644,18 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         if self.config.label_mapping is not None:
             fold_label_mapping(plain, self.config.label_mapping, self.config.id2label)
         plain.config.name_or_path = ""
-        if not keep_prompt:
-            return plain
-        prompt = copy.deepcopy(self.prompt)
-        return PromptedClassifier(prompt, plain, use_prompt=prompted, forward_kwargs=self._forward_kwargs).eval()
+        config = self.config
+        refresh_timm_config(plain.config, config.input_size, config.image_mean, config.image_std)
+        compact = self.structure is not None and self.structure.compact
+        if not keep_prompt and not compact:
+            return with_image_processor(plain, self.image_processor(normalize=True))
+        merged = build_merged(
+            plain, prompt=self.prompt.full_prompt().detach() if keep_prompt and prompted else None,
+            normalize=keep_prompt, input_size=config.input_size, output_size=config.output_size,
+            image_mean=config.image_mean, image_std=config.image_std, forward_kwargs=self._forward_kwargs)
+        if keep_prompt:
+            merged.requires_grad_(False).eval()
+        return merged
 
     def image_processor(self, normalize: bool = False):
         """The image processor that feeds this model: resize to input_size, rescale to [0, 1]; normalisation
@@ -693,6 +717,7 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         the folder's name); the standard push keywords (`commit_message`, `commit_description`, `private`, `token`,
         `revision`, `create_pr`, `tags`) go to the push."""
         from .hub import push_subnetwork, write_model_card
+        from .portable import SUBNETWORK_AUTO_MAP, write_subnetwork_loader
 
         push_kwargs = {k: kwargs.pop(k) for k in _PUSH_KWARGS if k in kwargs}
         repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
@@ -706,10 +731,14 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
                 key = f"model.{name}"
                 state[key] = state[key] * mask.to(state[key].dtype)
             kwargs["state_dict"] = state
+        # Without prompt_sparsity, transformers would not know model_type 'prompted_sparse' ("upgrade transformers"):
+        # the auto_map names a stub that imports the library, or says what to install (portable.py).
+        self.config.auto_map = dict(SUBNETWORK_AUTO_MAP)
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if not is_main_process:
             return None
         self.image_processor().save_pretrained(save_directory)
+        write_subnetwork_loader(save_directory)
         write_model_card(save_directory)
         if push_to_hub:
             return push_subnetwork(save_directory, repo_id, **push_kwargs)
@@ -727,24 +756,8 @@ class PromptedSparseModel(PromptedSparsePreTrainedModel):
         return push_model(self, repo_id, results=results, **kwargs)
 
 
-class PromptedClassifier(nn.Module):
-    """A plain classifier behind a fixed input transform: the visual prompt and the normalisation, then `model`.
-    Built by `PromptedSparseModel.merge_and_unload(keep_prompt=True)`; nothing in it is trainable and nothing
-    is masked at run time, so it exports (`torch.export.export`) and compiles (`torch.compile`) like the plain
-    model. `forward(pixel_values)` takes images in [0, 1] at the prompt's input size and returns the plain
-    model's output (`.logits`)."""
-
-    def __init__(self, prompt: VisualPrompt, model: PreTrainedModel, use_prompt: bool = True,
-                 forward_kwargs: dict[str, Any] | None = None):
-        super().__init__()
-        self.prompt = prompt.requires_grad_(False)
-        self.model = model.requires_grad_(False)
-        self.use_prompt = use_prompt
-        self.forward_kwargs = dict(forward_kwargs or {})
-
-    def forward(self, pixel_values: torch.Tensor):
-        x = self.prompt(pixel_values, use_prompt=self.use_prompt).to(self.model.dtype)
-        return self.model(x, **self.forward_kwargs)
+#: The deployment model `merge_and_unload(keep_prompt=True)` returns (earlier name of `MergedClassifier`).
+PromptedClassifier = MergedClassifier
 
 
 def _native_size(config) -> int:
@@ -849,3 +862,6 @@ def _base_processor(path: str, kwargs: dict):
 
 AutoConfig.register("prompted_sparse", PromptedSparseConfig)
 AutoModelForImageClassification.register(PromptedSparseConfig, PromptedSparseModel)
+# Merged models carry their code (auto_map) for loading without this library; with it, no trust_remote_code needed.
+AutoConfig.register(MERGED_MODEL_TYPE, MergedClassifierConfig)
+AutoModelForImageClassification.register(MergedClassifierConfig, MergedClassifier)

@@ -247,8 +247,8 @@ def test_push_and_pull_by_repo_id(hub, saved, tmp_path):
 
     # What went up: exactly the subnetwork files + a card; checkpoints/ and logs stayed local.
     files = hub.files("org/vpns-tiny")
-    assert sorted(files) == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json",
-                             "results.json"]
+    assert sorted(files) == ["README.md", "config.json", "model.safetensors", "modeling_prompted_sparse.py",
+                             "preprocessor_config.json", "results.json"]
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "results.json"):
         assert files[name] == (saved["a"] / name).read_bytes(), name
     assert hub.head("org/vpns-tiny") == pushed["main"]
@@ -408,8 +408,10 @@ def test_standard_push_options_and_save_pretrained_push(hub, saved, tmp_path):
     assert res["pr_url"].endswith("/discussions/1") and hub.head("org/std") == res["first"]  # main untouched
     assert repo.refs["refs/pr/1"] == res["pr_oid"]
     assert hub.head("org/std", "dev") == res["dev"]
-    assert res["local"] == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert res["local"] == ["README.md", "config.json", "model.safetensors", "modeling_prompted_sparse.py",
+                            "preprocessor_config.json"]
     pushed = sorted(hub.list_files("org/saved"))
-    assert pushed == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert pushed == ["README.md", "config.json", "model.safetensors", "modeling_prompted_sparse.py",
+                      "preprocessor_config.json"]
     assert 'from_pretrained("org/saved")' in hub.read_file("org/saved", "README.md").decode()
     assert res["pipeline"] == ["bird", "cat", "dog"]
