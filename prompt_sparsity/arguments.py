@@ -134,12 +134,12 @@ class PruningArguments:
                           "training stage), as --steps; default: the method's own (its paper's). 'two' with a prompt "
                           "(--prompt_method pad) is the benchmark's shared recipe: 'X w. two-step + prompt'."},
     )
-    score_init: Literal[SCORE_INITS] = field(
-        default="scaled",
+    score_init: Literal[SCORE_INITS] | None = field(
+        default=None,
         metadata={"help": "Initial mask scores of a score search (VPNs, HYDRA, BiP): 'scaled' (HYDRA's "
-                          "sqrt(6/fan_in) * W / max|W|, the paper's), or a one-shot criterion, globally rescaled so "
+                          "sqrt(6/fan_in) * W / max|W|, the papers'), or a one-shot criterion, globally rescaled so "
                           "that the first mask is exactly that criterion's mask and the threshold sits where "
-                          "'scaled' puts it."},
+                          "'scaled' puts it. Default: the method's (VPNs: snip, measured best; HYDRA, BiP: scaled)."},
     )
     flm_network: Literal["auto", "dense", "masked"] = field(
         default="auto",

@@ -629,7 +629,7 @@ class PruningRun:
         is computed on the first mask)."""
         from .methods.pruners import init_scores_from_criterion
 
-        criterion = self.prune_args.score_init
+        criterion = self.prune_args.score_init or self.method.score_init
         if criterion == "scaled" or self.model.sparsity is None or self.model.sparsity.frozen:
             return
         batches = self._first_batches(self.prune_args.pruner_batches) if criterion in ("snip", "grasp") else None
@@ -788,7 +788,7 @@ def check_combination(method: Method, model_args: ModelArguments, prune_args: Pr
     """Refuse settings that cannot apply to this method or head, naming the fix."""
     searches_scores = method.sparse and not method.structured and any(
         isinstance(s, Stage) and s.kind in ("search", "bilevel") for s in method.plan)
-    if prune_args.score_init != "scaled" and not searches_scores:
+    if prune_args.score_init not in (None, "scaled") and not searches_scores:
         raise ValueError(f"--score_init {prune_args.score_init} initialises the scores of a weight-score search, "
                          f"but --method {method.name} has none; drop --score_init, or use --method vpns, hydra or "
                          f"bip (for {method.name} the mask is the criterion's own: --method {prune_args.score_init} "

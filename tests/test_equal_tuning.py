@@ -93,6 +93,30 @@ def test_score_init_needs_trainable_scores():
         init_scores_from_criterion(model, "magnitude")
 
 
+def test_score_init_defaults_to_the_methods_own():
+    """No --score_init: VPNs starts at SNIP's mask (measured best), HYDRA at the paper's scaled init; 'scaled' given
+    explicitly restores the paper's VPNs; a method without a score search accepts the default."""
+    assert PruningArguments().score_init is None
+    assert get_method("vpns").score_init == "snip" and get_method("hydra").score_init == "scaled"
+    assert with_tuning(get_method("vpns"), finetune_steps="augmented").score_init == "snip"
+
+
+@pytest.mark.parametrize("method, score_init, expected", [
+    ("vpns", None, "snip"), ("vpns", "scaled", None), ("hydra", None, None)])
+def test_a_run_starts_at_the_resolved_score_init(tmp_path, base, method, score_init, expected):
+    run = PruningRun(*_args(tmp_path, base, PruningArguments(method=method, sparsity=0.9, score_init=score_init,
+                                                             pruner_batches=1)))
+    run.build()
+    run.init_scores()
+    assert (run.state.get("score_init") or {}).get("criterion") == expected
+    if expected == "snip":  # the first mask is SNIP's
+        batches = run._first_batches(1)
+        importance = criterion_importance(run.model, "snip", 0.9, batches=batches,
+                                          threshold=run.model.sparsity.threshold)
+        want = mask_from_importance(run.model, importance, 0.9, run.model.sparsity.threshold)
+        assert torch.equal(run.model.sparsity.mask().to(want), want)
+
+
 # ------------------------------------------------------------------------------------------------ lr rule
 def test_auto_score_lr_is_capped_at_a_fraction_of_the_threshold():
     assert auto_score_lr(40, 0.03) == pytest.approx(SCORE_STEP_FRACTION * 0.03)  # the cap binds
