@@ -133,6 +133,7 @@ class PruningRun:
         # One process where several were asked for, several single-process runs, FSDP asked for but not active.
         check_launch(self.accelerator.num_processes, distributed_type=self.accelerator.distributed_type)
         self.state: dict[str, Any] = {"stage": 0, "epoch": -1, "history": [], "timings": {}, "label_mapping": None}
+        self._dense_flm = None  # FLM on the dense network, when a mapping needs it (dense_label_mapping)
 
     # ------------------------------------------------------------------ setup
     def log(self, msg: str) -> None:
@@ -448,17 +449,17 @@ class PruningRun:
             # FLM on the masked network (paper). When its predictions have collapsed (fewer distinct source classes
             # than target classes, e.g. one class for every image), the mapping would be arbitrary: it is computed
             # on the dense pretrained network instead, and results.json says so.
-            pruned = self.model.sparsity is not None or self.model.structure is not None
+            pruned = self.method.sparse and (self.model.sparsity is not None or self.model.structure is not None)
             wanted = self.prune_args.flm_network
             if wanted == "dense" and pruned:
-                mapping, counts = self.compute_label_mapping(self.dense_copy(), return_counts=True)
+                mapping, counts = self.dense_label_mapping()
                 info = {"network": "dense", "distinct_predictions": distinct_predictions(counts)}
             else:
                 mapping, counts = self.compute_label_mapping(self.model, return_counts=True)
                 info = {"network": "masked" if pruned else "dense", "distinct_predictions": distinct_predictions(counts)}
             info["flm_network"] = wanted
             if wanted == "auto" and is_degenerate(counts) and pruned:
-                dense_mapping, dense_counts = self.compute_label_mapping(self.dense_copy(), return_counts=True)
+                dense_mapping, dense_counts = self.dense_label_mapping()
                 info = {"network": "dense", "flm_network": wanted,
                         "distinct_predictions": distinct_predictions(dense_counts),
                         "masked_distinct_predictions": info["distinct_predictions"],
@@ -469,6 +470,17 @@ class PruningRun:
             self.state["label_mapping"] = mapping
             self.state["label_mapping_info"] = info
         self.model.set_label_mapping(self.state["label_mapping"], self.data.id2label)
+
+    def needs_label_mapping(self) -> bool:
+        return (self.model_args.head == "pretrained" and self.model.config.label_mapping is None
+                and not self.state.get("label_mapping") and self.prune_args.flm_network != "masked")
+
+    def dense_label_mapping(self):
+        """(mapping, counts) of FLM on the dense pretrained network; kept from before a compaction (a compacted
+        model has no dense copy left)."""
+        if self._dense_flm is None:
+            self._dense_flm = self.compute_label_mapping(self.dense_copy(), return_counts=True)
+        return self._dense_flm
 
     def compute_label_mapping(self, model, return_counts: bool = False):
         """Frequency label mapping over the training split, counts summed over processes."""
@@ -589,6 +601,8 @@ class PruningRun:
             if resume and idx < self.state["stage"]:
                 continue
             if isinstance(step, Prune):
+                if self.model.structure is not None and self.needs_label_mapping():
+                    self.dense_label_mapping()  # channels are about to be removed: map on the dense network now
                 self.prune(step)
                 continue
             self.label_mapping()  # once, before the first training stage; restored from the state on resume

@@ -102,3 +102,17 @@ def test_recipes_refuse_the_wrong_kind_of_method():
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", recipe), "--method", method],
                               capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode != 0 and "use recipes/" in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["l1", "pass"])
+def test_the_dense_label_mapping_of_a_structured_run_is_the_pretrained_networks(method, base_dir, tmp_path):
+    """--flm_network dense maps labels on the uncompacted pretrained network, also for a prune-once channel baseline
+    whose channels are removed before the mapping is computed (the same mapping as an unpruned run's)."""
+    dense = run_pruning(*args(base_dir, tmp_path / "dense", method="dense", dense_epochs=0))
+    assert dense["label_mapping_source"]["network"] == "dense"
+    pruned = run_pruning(*args(base_dir, tmp_path / method, method=method, flm_network="dense", finetune_epochs=0,
+                               search_epochs=0))
+    assert pruned["label_mapping_source"]["network"] == "dense"
+    assert pruned["label_mapping"] == dense["label_mapping"]
+    assert (pruned["label_mapping_source"]["distinct_predictions"]
+            == dense["label_mapping_source"]["distinct_predictions"])
