@@ -47,7 +47,8 @@ COLOURS = {"vpns": "C3", "pass": "C3", "hydra": "C0", "omp": "C1", "random": "C2
            "dense": "k"}
 DISPLAY = {"vpns": "VPNs", "hydra": "HYDRA", "omp": "OMP", "random": "Random", "snip": "SNIP", "grasp": "GraSP",
            "synflow": "SynFlow", "imp": "IMP", "bip": "BiP", "dense": "Dense fine-tuned", "pass": "PASS", "l1": "L1-norm", "taylor": "Taylor",
-           "bn_scale": "BN-scale", "random_channels": "Random channels", "depgraph": "DepGraph"}
+           "bn_scale": "BN-scale", "random_channels": "Random channels", "depgraph": "DepGraph",
+           "scaled": "paper's scaled"}
 
 
 # --------------------------------------------------------------------------------------------- command line
