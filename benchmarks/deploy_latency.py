@@ -15,7 +15,7 @@ then the median of the timed calls. The limit of a compact model's speed-up is d
 (FlopCounterMode at the input size).
 
     python benchmarks/deploy_latency.py --quick    # 64 px, batch 1 and 8, few repeats (~4 min on 2 loaded CPU cores)
-    python benchmarks/deploy_latency.py            # 224 px, batch 1 and 64 (9.8 min on 2 loaded CPU cores)
+    python benchmarks/deploy_latency.py            # 224 px, batch 1 and 64 (4.9 min on 2 idle CPU cores)
 
 Writes deploy_latency.json/.png/.md to benchmarks/results[/quick].
 """

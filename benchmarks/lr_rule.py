@@ -3,7 +3,8 @@
 and at 90% with twice the budget (16 passes), read from the accuracy benchmarks' learning-rate grids (no training
 here). The rule was chosen on validation only; test accuracies are shown beside it for the record.
 
-    python benchmarks/unstructured_accuracy.py --sparsities 0.9 --no-dense        # the 8-pass grid at 90%
+    python benchmarks/unstructured_accuracy.py --sparsities 0.9 --tuning-passes 8 --lr-scales 0.3 1 3 10 \\
+        --methods vpns vpns:scaled hydra snip omp random --tunings paper two_step two_step_prompt   # 90%, equal tuning
     python benchmarks/unstructured_accuracy.py --sparsities 0.7 --no-dense \\
         --output-dir benchmarks/results/unstructured_70                           # ... and at 70%
     python benchmarks/unstructured_accuracy.py --methods vpns --sparsities 0.9 --seeds 7 --passes 16 --no-dense \\
@@ -23,10 +24,12 @@ import common
 from common import markdown_table
 
 NAME = "lr_rule"
-SOURCES = [  # (budget label, the benchmark JSON holding its grid)
-    ("8 passes", common.BENCH_DIR / "results" / "unstructured_accuracy.json"),
-    ("8 passes", common.BENCH_DIR / "results" / "unstructured_70" / "unstructured_accuracy.json"),
-    ("16 passes (2x budget)", common.BENCH_DIR / "results" / "ablations" / "budget_2x" / "unstructured_accuracy.json"),
+SOURCES = [  # (budget label, the benchmark JSON holding its grid); the last two predate the threshold cap and SNIP init
+    ("8 tuning passes (SNIP init, capped rule)", common.BENCH_DIR / "results" / "unstructured_accuracy.json"),
+    ("8 passes (scaled init, step-count rule)",
+     common.BENCH_DIR / "results" / "unstructured_70" / "unstructured_accuracy.json"),
+    ("16 passes (2x budget; scaled init, step-count rule)",
+     common.BENCH_DIR / "results" / "ablations" / "budget_2x" / "unstructured_accuracy.json"),
 ]
 
 
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     out_dir, _ = common.setup(args, NAME)
     env = common.environment(args)
-    from prompt_sparsity.optim import SCORE_LR_RULE
+    from prompt_sparsity.optim import SCORE_LR_RULE, SCORE_STEP_FRACTION
 
     rows, points = [], []
     for budget, path in SOURCES:
@@ -45,7 +48,9 @@ def main(argv=None) -> int:
             print(f"missing {path}: run the command in this script's docstring first")
             continue
         data = json.loads(Path(path).read_text())
-        runs = [r for r in data["runs"] if r.get("job", {}).get("method") == args.method and "error" not in r]
+        # The method's own tuning recipe only: the equal-tuning grids also hold its other recipes.
+        runs = [r for r in data["runs"] if r.get("job", {}).get("method") == args.method and "error" not in r
+                and r["job"].get("tuning", "paper") == "paper"]
         for level in sorted({r["job"]["level"] for r in runs}, reverse=True):
             at = sorted((r for r in runs if r["job"]["level"] == level and r["job"]["seed"] == data["config"]["seeds"][0]),
                         key=lambda r: r["job"]["lr_scale"])
@@ -68,7 +73,9 @@ def main(argv=None) -> int:
           common.settings_block(env, source="the learning-rate grids of benchmarks/unstructured_accuracy.py (seed "
                                 "7; every learning rate of the run scaled, 1x = library defaults with 'auto' "
                                 "search lrs)", rule=f"score lr = clip(1e-4 x {SCORE_LR_RULE.reference_steps} / "
-                                f"search steps, 1e-4, {SCORE_LR_RULE.max_lr:g})"), "",
+                                f"search steps, 1e-4, {SCORE_LR_RULE.max_lr:g}), capped at {SCORE_STEP_FRACTION:g} x the "
+                                f"score threshold at the start of the search (the cap came after the runs of the "
+                                f"rows marked 'step-count rule')"), "",
           markdown_table(["budget", "sparsity", "score lr at each scale", "val acc % (best in bold)",
                           "test acc % (not used to choose)", "best scale", "best - auto (points)"], rows), ""]
     findings = []

@@ -1,7 +1,8 @@
 """Unstructured accuracy: VPNs against HYDRA, SNIP, OMP and Random at equal budgets, each at its own
 validation-selected learning rate, each tuned with its own (paper) recipe and with one shared recipe (two-step
 tuning, without and with the visual prompt), so the tables separate the mask, the tuning recipe and the prompt
-(SynFlow, GraSP, IMP and BiP with --methods; 'vpns:snip' = VPNs with its scores initialised at SNIP's mask).
+(SynFlow, GraSP, IMP and BiP with --methods; 'vpns:scaled' = VPNs with the paper's scaled score init instead of
+its default, SNIP's mask).
 
 The offline ImageNet-pretrained EfficientNet-Lite0 (pretrained 1000-way head + frequency label mapping, as in the
 paper) pruned on a fixed Fashion-MNIST subset (the same images for every method and seed; validation held out of
@@ -11,13 +12,15 @@ two passes; full mode, 8 passes: VPNs 2 search + 2 tune epochs = HYDRA 4 + 4 = O
 Random/SNIP 8 tune epochs = IMP 4 epochs shared by its rounds + 4 tune = BiP 2 bilevel (two batches per iteration)
 + 4 tune), plus a dense fine-tuned reference at the same budget (8 epochs).
 
-Learning rates: every method gets the same grid, 0.3x / 1x / 3x all of its default learning rates (library
+Learning rates: every method gets the same grid, 0.3x / 1x / 3x / 10x all of its default learning rates (library
 defaults, 'auto' resolved at the run's step count), run at the first seed; the scale with the best validation
 accuracy is then run at the other seeds, and the tables report those runs on the full test set (mean +- std over
 seeds, with and without the prompt) with the validation accuracy of every scale beside them.
 
     python benchmarks/unstructured_accuracy.py --quick    # ~5 min on 2 CPU cores: 90% only, 1 seed, tiny data
-    python benchmarks/unstructured_accuracy.py            # full mode: 5 methods x 2 sparsities x (3 + 2) runs
+    python benchmarks/unstructured_accuracy.py            # full mode: 5 methods x 2 sparsities x (4 + 2) runs
+    python benchmarks/unstructured_accuracy.py --sparsities 0.9 --tuning-passes 8 --threads 1 \\
+        --methods vpns vpns:scaled hydra snip omp random  # the committed table: equal tuning (8 tuning passes each)
 
 Writes unstructured_accuracy.json/.png/.md to benchmarks/results[/quick]; run folders (reused when rerun with
 the same settings, also across invocations with different --methods) under
