@@ -255,19 +255,20 @@ def finish(name: str, out_dir: Path, results: dict[str, Any], markdown: str, fig
 
 
 # --------------------------------------------------------------------------------------------- data
-def fixed_dataset(work_dir: Path, *, train: int, validation: int, test: int | None, seed: int = 0) -> str:
+def fixed_dataset(work_dir: Path, *, train: int, validation: int, test: int | None, seed: int = 0,
+                  source: str = "fashion_mnist") -> str:
     """A fixed Fashion-MNIST subset saved to disk once (class-balanced train subset, validation held out of the
     official train split, `test` images of the official test split or all 10,000 with None), so that every method
     and every seed sees exactly the same images: the run seed then only changes initialisation, shuffling and
     augmentation. Returns the folder, to be passed as `dataset_name`."""
     from prompt_sparsity.data import load_image_dataset
 
-    tag = f"fashion_mnist-train{train}-val{validation}-test{test or 'all'}-seed{seed}"
+    tag = f"{source}-train{train}-val{validation}-test{test or 'all'}-seed{seed}"
     path = work_dir.parent / "data" / tag
     if not (path / "dataset_dict.json").is_file():
         import datasets
 
-        data = load_image_dataset("fashion_mnist", seed=seed, validation_fraction=0.1, max_train_samples=train,
+        data = load_image_dataset(source, seed=seed, validation_fraction=0.1, max_train_samples=train,
                                   max_eval_samples=None)
 
         def subset(split, n):  # class-balanced, seeded
@@ -277,7 +278,9 @@ def fixed_dataset(work_dir: Path, *, train: int, validation: int, test: int | No
 
         val, test_split = subset(data.validation, validation), subset(data.test, test)
         tmp = path.with_name(path.name + ".tmp")
-        datasets.DatasetDict({"train": data.train, "validation": val, "test": test_split}).save_to_disk(str(tmp))
+        # The splits decode images on access (a format transform, which save_to_disk cannot store): saved undecoded.
+        splits = {"train": data.train, "validation": val, "test": test_split}
+        datasets.DatasetDict({k: v.with_format(None) for k, v in splits.items()}).save_to_disk(str(tmp))
         if path.exists():
             import shutil
 

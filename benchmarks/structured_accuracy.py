@@ -17,6 +17,10 @@ Learning rates: as in the unstructured benchmark, every method gets the same gri
 default learning rates, 'auto' resolved at the run's step count) at the first seed; the scale best on validation
 runs at the other seeds and is what the tables report (BN-scale with --methods).
 
+Tuning (issue 18): `--tunings paper two_step two_step_prompt` tunes every method with its own recipe (PASS: two-step
++ prompt; the channel baselines: augmented batches, no prompt) and with the shared two-step recipe without and with
+the pad prompt; `--tuning-passes N` gives every tuning stage N passes, the search on top (equal tuning).
+
     python benchmarks/structured_accuracy.py --quick     # ~5 min on 2 CPU cores: 50% FLOPs, 1 seed, tiny data
     python benchmarks/structured_accuracy.py --flops 0.5 # full mode at 50% FLOPs: 5 methods x (3 + 2) runs
     python benchmarks/structured_accuracy.py --methods vpns_channels depgraph --output-dir ...  # VPNs with channel
@@ -52,9 +56,10 @@ BASELINES = ("taylor", "depgraph", "l1", "random_channels", "bn_scale")
 FAIR = ("pass", "taylor", "depgraph", "l1", "random_channels")  # the issue-11 protocol's methods
 
 FULL = dict(train=640, validation=500, test=None, input_size=48, batch_size=64, passes=8,
-            seeds=(7, 9, 17), flops=(0.5, 0.3), methods=FAIR, latency_size=224, lr_scales=(0.3, 1.0, 3.0))
+            seeds=(7, 9, 17), flops=(0.5, 0.3), methods=FAIR, latency_size=224, lr_scales=(0.3, 1.0, 3.0),
+            tunings=("paper",))
 QUICK = dict(train=128, validation=128, test=256, input_size=48, batch_size=64, passes=4,
-             seeds=(7,), flops=(0.5,), methods=FAIR, latency_size=224, lr_scales=(1.0, 3.0))
+             seeds=(7,), flops=(0.5,), methods=FAIR, latency_size=224, lr_scales=(1.0, 3.0), tunings=("paper",))
 
 
 def latency_at(run_dir: str, size: int, threads: int) -> dict:
@@ -81,17 +86,22 @@ def main(argv=None) -> int:
 
     # the same fixed subset as the unstructured benchmark (one copy under outputs/benchmarks/data/)
     dataset = common.fixed_dataset(work_dir, train=cfg["train"], validation=cfg["validation"], test=cfg["test"])
-    jobs = [{"method": m, "level": f, "seed": seed}
-            for f in cfg["flops"] for m in cfg["methods"] for seed in cfg["seeds"]]
-    if not args.no_dense:
-        jobs += [{"method": "dense", "level": 1.0, "seed": seed} for seed in cfg["seeds"]]
+    def tunings_of(method):  # a recipe that is the method's own runs once, as "paper"
+        return dict.fromkeys(common.canonical_tuning(method, t) for t in cfg["tunings"])
 
-    def make_args(method, level, seed, lr_scale):
+    jobs = [{"method": m, "level": f, "tuning": t, "seed": seed}
+            for f in cfg["flops"] for m in cfg["methods"] for t in tunings_of(m) for seed in cfg["seeds"]]
+    if not args.no_dense:
+        jobs += [{"method": "dense", "level": 1.0, "tuning": t, "seed": seed}
+                 for t in tunings_of("dense") for seed in cfg["seeds"]]
+
+    def make_args(method, level, tuning, seed, lr_scale):
         return common.accuracy_run_args(dataset=dataset, input_size=cfg["input_size"], batch_size=cfg["batch_size"],
                                         method=method, seed=seed, passes=cfg["passes"], threads=args.threads,
                                         flops_ratio=level if method != "dense" else 0.5, lr_scale=lr_scale,
-                                        train=cfg["train"], search_share=cfg["search_share"],
-                                        dense_reference=False, **cfg["overrides"])
+                                        train=cfg["train"], search_share=cfg["search_share"], tuning=tuning,
+                                        tuning_passes=cfg["tuning_passes"], dense_reference=False,
+                                        **cfg["overrides"])
 
     all_runs, selection = common.run_lr_selected(jobs, work_dir, make_args, scales=cfg["lr_scales"],
                                                  fresh=args.fresh)
@@ -112,14 +122,14 @@ def main(argv=None) -> int:
         return (entry.get(key) or {}).get("median_ms")
 
     rows = []
-    groups: dict[tuple[str, float], list[dict]] = {}
+    groups: dict[tuple[str, float, str], list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["job"]["method"], r["job"]["level"]), []).append(r)
-    for (method, level), rs in groups.items():
+        groups.setdefault((r["job"]["method"], r["job"]["level"], r["job"].get("tuning", "paper")), []).append(r)
+    for (method, level, tuning), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         l224 = [r.get("latency_224") or {} for r in ok]
         rows.append({
-            "method": method, "flops_target": level,
+            "method": method, "flops_target": level, "tuning": tuning,
             "flops_ratio": mean_std(r.get("flops_ratio") for r in ok),
             "flops": mean_std(r.get("flops") for r in ok),
             "dense_flops": mean_std(r.get("dense_flops") for r in ok),
@@ -160,9 +170,14 @@ def main(argv=None) -> int:
              f"{samples.get('test')} test images, the same for every method and seed",
         image_size=f"{cfg['input_size']} px for training, FLOPs and the batch-1/64 latency; batch-1 latency also at "
                    f"{cfg['latency_size']} px; training batch {cfg['batch_size']}",
-        budget=f"{cfg['passes']} passes over the training data per method; epochs: "
-               + common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]), cfg["passes"],
-                                 cfg["search_share"])
+        budget=(f"equal tuning: every tuning stage makes {cfg['tuning_passes']} passes, the search its share of "
+                f"{cfg['passes']} on top" if cfg["tuning_passes"] else
+                f"{cfg['passes']} passes over the training data per method") + "; epochs"
+               + (" by tuning recipe: " if len(cfg["tunings"]) > 1 else ": ")
+               + "; ".join((f"{common.TUNING_DISPLAY[t]}: " if len(cfg["tunings"]) > 1 else "")
+                           + common.epochs_text(list(cfg["methods"]) + ([] if args.no_dense else ["dense"]),
+                                                cfg["passes"], cfg["search_share"], t, cfg["tuning_passes"])
+                           for t in cfg["tunings"])
                + common.overrides_text(cfg),
         learning_rates=f"every method gets the same grid, {', '.join(f'{s:g}x' for s in cfg['lr_scales'])} its "
                        "default learning rates (all of them; 'auto' resolved at the run's step count), run at seed "
@@ -171,31 +186,33 @@ def main(argv=None) -> int:
                 "process; forward of the backbone only (no prompt)",
         seeds=", ".join(map(str, cfg["seeds"])) + " (mean ± sample std over seeds)",
     )
-    acc_headers = ["method", "FLOPs target", "FLOPs achieved", "params", "lr scale", "test acc % (no prompt)",
+    acc_headers = ["method", "tuning", "FLOPs target", "FLOPs achieved", "params", "lr scale", "test acc % (no prompt)",
                    "test acc % (prompt)", "wall time / run (s)"]
-    speed_headers = ["method", "FLOPs target", "physical limit (dense/pruned FLOPs)", "speed-up b1",
+    speed_headers = ["method", "tuning", "FLOPs target", "physical limit (dense/pruned FLOPs)", "speed-up b1",
                      "speed-up b64", f"speed-up b1 @ {cfg['latency_size']} px (limit)", "dense / compact ms b1",
                      "dense / compact ms b64"]
     order = {m: i for i, m in enumerate(list(cfg["methods"]) + ["dense"])}
+    torder = {t: i for i, t in enumerate(common.TUNINGS)}
     acc_rows, speed_rows = [], []
-    for row in sorted(rows, key=lambda r: (-r["flops_target"], order[r["method"]])):
+    for row in sorted(rows, key=lambda r: (-r["flops_target"], torder[r["tuning"]], order[r["method"]])):
         name = DISPLAY.get(row["method"], row["method"])
+        tuning = common.TUNING_DISPLAY[row["tuning"]]
         if row["errors"]:
             name += " (failed: " + row["errors"][0][:60] + ")"
         if row["method"] == "dense":
             dense_flops = next((x["dense_flops"]["mean"] for x in rows if x["dense_flops"]["mean"]), None)
             dense_params = next((x["dense_params"]["mean"] for x in rows if x["dense_params"]["mean"]), None)
-            acc_rows.append([name, "100%", f"100% ({human_count(dense_flops)})", human_count(dense_params), "1x",
-                             fmt_ms(row["test_no_prompt"]), "–", fmt_ms(row["wall_time_s"], 0)])
+            acc_rows.append([name, tuning, "100%", f"100% ({human_count(dense_flops)})", human_count(dense_params), "1x",
+                             fmt_ms(row["test_no_prompt"]), fmt_ms(row["test_prompt"]), fmt_ms(row["wall_time_s"], 0)])
             continue
         acc_rows.append([
-            name, f"{100 * row['flops_target']:.0f}%",
+            name, tuning, f"{100 * row['flops_target']:.0f}%",
             f"{fmt_ms(row['flops_ratio'], 1, 100)}% ({human_count(row['flops']['mean'])})",
             human_count(row["params"]["mean"]), f"{row['lr_scale']:g}x", fmt_ms(row["test_no_prompt"]),
             fmt_ms(row["test_prompt"]), fmt_ms(row["wall_time_s"], 0),
         ])
         speed_rows.append([
-            name, f"{100 * row['flops_target']:.0f}%", fmt_ms(row["physical_limit"]) + "×",
+            name, tuning, f"{100 * row['flops_target']:.0f}%", fmt_ms(row["physical_limit"]) + "×",
             fmt_ms(row["speedup_b1"]) + "×", fmt_ms(row["speedup_b64"]) + "×",
             f"{fmt_ms(row['speedup_224_b1'])}× ({fmt_ms(row['physical_limit_224'])}×)",
             f"{fmt_ms(row['dense_ms_b1'], 1)} / {fmt_ms(row['compact_ms_b1'], 1)}",
@@ -204,14 +221,18 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ findings
     findings = []
-    for level in cfg["flops"]:
+    for level, tuning in ((lv, t) for lv in cfg["flops"] for t in cfg["tunings"]):
+        # a method whose own recipe is this one ran it as "paper"
         at = [r for r in rows
-              if r["flops_target"] == level and r["method"] != "dense" and headline(r)["mean"] is not None]
+              if r["flops_target"] == level and r["method"] != "dense" and headline(r)["mean"] is not None
+              and r["tuning"] == common.canonical_tuning(r["method"], tuning)]
         if not at:
             continue
         ranked = sorted(at, key=lambda r: -headline(r)["mean"])
         best = ranked[0]
-        line = f"At {100 * level:.0f}% FLOPs the most accurate is {DISPLAY[best['method']]} ({fmt_ms(headline(best))}%)"
+        under = f" under {common.TUNING_DISPLAY[tuning]}" if len(cfg["tunings"]) > 1 else ""
+        line = (f"At {100 * level:.0f}% FLOPs{under} the most accurate is {DISPLAY[best['method']]} "
+                f"({fmt_ms(headline(best))}%)")
         for prompted in PROMPTED:
             ps = next((r for r in at if r["method"] == prompted), None)
             if ps is None:
@@ -238,9 +259,9 @@ def main(argv=None) -> int:
             if sp224:
                 line += (f", {100 * min(sp224):.0f}–{100 * max(sp224):.0f}% at batch 1 and {cfg['latency_size']} px")
         findings.append(line + ".")
-    dense_row = next((r for r in rows if r["method"] == "dense"), None)
-    if dense_row and dense_row["test_no_prompt"]["mean"] is not None:
-        findings.append(f"Dense fine-tuned reference at the same budget: {fmt_ms(dense_row['test_no_prompt'])}%.")
+    for dense_row in (r for r in rows if r["method"] == "dense" and r["test_no_prompt"]["mean"] is not None):
+        findings.append(f"Dense fine-tuned reference at the same budget ({common.TUNING_DISPLAY[dense_row['tuning']]}):"
+                        f" {fmt_ms(headline(dense_row))}%.")
     findings.append("Equal FLOPs is the budget, not equal speed: methods that keep the same FLOPs in different layers "
                     "run at different speeds (depthwise and early high-resolution layers cost more time per FLOP on "
                     "CPU). Speed-ups stay below the FLOPs ratio where time goes to what removing channels does not "
@@ -274,20 +295,25 @@ def plot(results: dict):
     methods = list(cfg["methods"])
     threads = next((r["latency"].get("threads") for r in results.get("runs", []) if isinstance(r.get("latency"), dict)
                     and r["latency"].get("threads")), "?")
-    dense_row = next((r for r in rows if r["method"] == "dense" and r["test_no_prompt"]["mean"] is not None), None)
+    dense_row = next((r for r in rows if r["method"] == "dense" and r["test_no_prompt"]["mean"] is not None
+                      and r.get("tuning", "paper") == "paper"), None)
     levels = sorted({r["flops_target"] for r in rows if r["method"] != "dense"})
     fig, (ax, bx) = common.figure(2, width=6.2, height=4.6)
     markers = dict(zip(methods, "o^sDvP*X"))
     series = []  # (method, prompt, label, [(achieved FLOPs %, accuracy)])
-    for m in methods:
-        for prompt in ((True, False) if m in PROMPTED else (False,)):
-            key = "test_prompt" if prompt else "test_no_prompt"
-            pts = sorted([(100 * r["flops_ratio"]["mean"], r[key]) for r in rows
-                          if r["method"] == m and r[key]["mean"] is not None and r["flops_ratio"]["mean"]],
-                         key=lambda t: t[0])
-            if pts:
-                series.append((m, prompt, DISPLAY.get(m, m) + ((" + prompt" if prompt else " (no prompt)")
-                                                               if m in PROMPTED else ""), pts))
+    tunings = list(dict.fromkeys(r.get("tuning", "paper") for r in rows))
+    for t in tunings:
+        for m in methods:
+            for prompt in ((True, False) if m in PROMPTED else (False,)):
+                key = "test_prompt" if prompt else "test_no_prompt"
+                pts = sorted([(100 * r["flops_ratio"]["mean"], r[key]) for r in rows
+                              if r["method"] == m and r.get("tuning", "paper") == t and r[key]["mean"] is not None
+                              and r["flops_ratio"]["mean"]], key=lambda p: p[0])
+                if pts:
+                    label = DISPLAY.get(m, m) + ((" + prompt" if prompt else " (no prompt)") if m in PROMPTED else "")
+                    if len(tunings) > 1:
+                        label += f", {common.TUNING_DISPLAY[t]}"
+                    series.append((m, prompt, label, pts))
 
     def style(m, prompt):
         return dict(marker=markers.get(m, "o"), capsize=3, lw=2.2 if m in PROMPTED else 1.2,

@@ -242,3 +242,19 @@ def test_pass_recipe_gives_the_search_a_quarter_of_the_passes():
 
     assert "(default: 3)" in default_of("--finetune_epochs")
     assert "(default: 2)" in default_of("--search_epochs")  # 2 prompted passes of 2 + 3 x 2 = 8: a quarter
+
+
+def test_benchmark_fixed_dataset_is_written_once_and_loads(tmp_path):
+    """The benchmarks' fixed subset: saved to disk (the splits' decode-on-access transform must not reach
+    save_to_disk), class-balanced sizes as asked, and reloaded by the library like any save_to_disk folder."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
+    spec = importlib.util.spec_from_file_location("benchmarks_common", path)
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    from prompt_sparsity.data import load_image_dataset
+
+    folder = common.fixed_dataset(tmp_path / "work", train=40, validation=20, test=30, source="digits")
+    assert folder == common.fixed_dataset(tmp_path / "work", train=40, validation=20, test=30, source="digits")
+    data = load_image_dataset(folder, max_train_samples=None, max_eval_samples=None)
+    assert (len(data.train), len(data.validation), len(data.test)) == (40, 20, 30)
+    assert data.train[0]["image"].mode == "RGB"
