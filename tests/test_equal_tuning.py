@@ -213,12 +213,18 @@ def test_a_baseline_tuned_with_the_shared_recipe(tmp_path, base):
     assert "finetune/finetune_prompt_lr" in results["learning_rates"]
 
 
-def test_benchmark_budgets_count_two_step_tuning_as_two_passes():
+def _benchmarks_common():
+    """benchmarks/common.py (not a package): the benchmarks' shared helpers."""
     pytest.importorskip("matplotlib")
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
     spec = importlib.util.spec_from_file_location("benchmarks_common", path)
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
+    return common
+
+
+def test_benchmark_budgets_count_two_step_tuning_as_two_passes():
+    common = _benchmarks_common()
     assert common.equal_budget_epochs("snip", 8) == {"finetune_epochs": 8}
     assert common.equal_budget_epochs("snip", 8, tuning="two_step_prompt") == {"finetune_epochs": 4}
     assert common.equal_budget_epochs("omp", 8, tuning="two_step") == {"dense_epochs": 4, "finetune_epochs": 2}
@@ -247,10 +253,7 @@ def test_pass_recipe_gives_the_search_a_quarter_of_the_passes():
 def test_benchmark_fixed_dataset_is_written_once_and_loads(tmp_path):
     """The benchmarks' fixed subset: saved to disk (the splits' decode-on-access transform must not reach
     save_to_disk), class-balanced sizes as asked, and reloaded by the library like any save_to_disk folder."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "common.py")
-    spec = importlib.util.spec_from_file_location("benchmarks_common", path)
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    common = _benchmarks_common()
     from prompt_sparsity.data import load_image_dataset
 
     folder = common.fixed_dataset(tmp_path / "work", train=40, validation=20, test=30, source="digits")
