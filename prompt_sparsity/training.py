@@ -475,11 +475,11 @@ class PruningRun:
         return (self.model_args.head == "pretrained" and self.model.config.label_mapping is None
                 and not self.state.get("label_mapping") and self.prune_args.flm_network != "masked")
 
-    def dense_label_mapping(self, dense: PromptedSparseModel | None = None):
-        """(mapping, counts) of FLM on the dense pretrained network (`dense`: a `dense_copy` already made), computed
-        once and kept from before a compaction (a compacted model has no dense copy left)."""
+    def dense_label_mapping(self):
+        """(mapping, counts) of FLM on the dense pretrained network; kept from before a compaction (a compacted
+        model has no dense copy left)."""
         if self._dense_flm is None:
-            self._dense_flm = self.compute_label_mapping(dense or self.dense_copy(), return_counts=True)
+            self._dense_flm = self.compute_label_mapping(self.dense_copy(), return_counts=True)
         return self._dense_flm
 
     def compute_label_mapping(self, model, return_counts: bool = False):
@@ -624,9 +624,12 @@ class PruningRun:
         fine-tuned dense reference (run --method dense for that). Computed on a copy: the run is untouched."""
         if self.model.sparsity is None and self.model.structure is None:
             return None
-        dense = self.dense_copy()
-        dense.set_label_mapping(self.dense_label_mapping(dense)[0], self.data.id2label)
-        return evaluate(dense, self.eval_loaders["test"], self.accelerator, use_prompt=False, desc="dense")
+        # Its own FLM and evaluation, RNG state restored: iterating a loader draws from the global generator, and
+        # the floor must not change the run it is measured beside.
+        with torch.random.fork_rng(devices=[]):
+            dense = self.dense_copy()
+            dense.set_label_mapping(self.compute_label_mapping(dense), self.data.id2label)
+            return evaluate(dense, self.eval_loaders["test"], self.accelerator, use_prompt=False, desc="dense")
 
     def _argument_groups(self) -> tuple:
         return (self.model_args, self.data_args, self.prune_args, self.run_args)

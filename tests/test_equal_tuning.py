@@ -131,7 +131,7 @@ def _args(tmp_path, base, prune, model=None, **run):
                           per_device_train_batch_size=16, dataloader_num_workers=0),
             prune,
             RunArguments(output_dir=str(tmp_path / "run"), seed=7, cpu=True, max_steps_per_epoch=2, torch_threads=1,
-                         checkpointing=False, dense_reference=False, eval_test=False, **run))
+                         **{"checkpointing": False, "dense_reference": False, "eval_test": False, **run}))
 
 
 @pytest.fixture
@@ -261,3 +261,14 @@ def test_benchmark_fixed_dataset_is_written_once_and_loads(tmp_path):
     data = load_image_dataset(folder, max_train_samples=None, max_eval_samples=None)
     assert (len(data.train), len(data.validation), len(data.test)) == (40, 20, 30)
     assert data.train[0]["image"].mode == "RGB"
+
+
+def test_the_dense_floor_does_not_change_the_run(tmp_path, base):
+    """dense_reference (pretrained + FLM, no training) is measured beside the run, on a copy: the run's mask and
+    accuracy are the same with and without it."""
+    prune = lambda: PruningArguments(method="vpns", sparsity=0.9, search_epochs=1, finetune_epochs=1)  # noqa: E731
+    without = run_pruning(*_args(tmp_path / "a", base, prune(), eval_test=True))
+    with_floor = run_pruning(*_args(tmp_path / "b", base, prune(), dense_reference=True, eval_test=True))
+    assert with_floor["dense_pretrained_flm"] is not None and without["dense_pretrained_flm"] is None
+    assert with_floor["mask_sha256"] == without["mask_sha256"]
+    assert with_floor["accuracy"] == without["accuracy"]
